@@ -1,0 +1,10 @@
+"""Attacks: a registry of small modules on four kinds of attack."""
+
+from . import badnets  # noqa: F401  (registers)
+from .base import ATTACKS, Attack, AttackContext, AttackKind, AttackParams, AttackResult, ModelModificationAttack, PoisoningAttack, TrainingAttack, TransferAttack
+from .triggers import TRIGGERS, AdditiveTrigger, MaskPatternTrigger, Trigger, WarpTrigger
+
+__all__ = [
+    "ATTACKS", "TRIGGERS", "AdditiveTrigger", "Attack", "AttackContext", "AttackKind", "AttackParams", "AttackResult",
+    "MaskPatternTrigger", "ModelModificationAttack", "PoisoningAttack", "TrainingAttack", "TransferAttack", "Trigger", "WarpTrigger",
+]

@@ -1,0 +1,229 @@
+"""Attack kinds. Each attack is a small subclass with a typed ``Params`` dataclass and a paper.
+
+- ``PoisoningAttack``: returns a poisoned training set (a trigger applied to chosen samples, labels
+  flipped to η(y)); the victim trains on it with the shared trainer.
+- ``TrainingAttack``: controls training through a batch hook (and may learn its trigger); returns a
+  model and a trigger function.
+- ``ModelModificationAttack``: starts from a trained clean model and changes it (MMLM).
+- ``TransferAttack``: a teacher is backdoored, a student is transferred from it (Latent Backdoor).
+
+Poisoning and training-controlled attacks support ``restrict``: "none" (train from scratch),
+"finetune" (all parameters, starting from the clean model) or "head" (only the final layer of the
+clean model: the equal-attackable-parameters comparison with MMLM).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Callable, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from ..data.core import Dataset, ImageSet, to_float, to_uint8
+from ..models import Classifier, build_model
+from ..registry import Registry
+from ..train.evaluate import TargetMode, target_labels
+from ..train.trainer import BatchHook, TrainConfig, train
+from ..validate import check_choice, check_class, check_rate
+from .triggers import Trigger
+
+
+class AttackKind(str, Enum):
+    POISONING = "data-poisoning"
+    TRAINING = "training-controlled"
+    MODEL = "model-modification"
+    TRANSFER = "transfer"
+
+
+@dataclass
+class AttackParams:
+    """Parameters every attack shares."""
+
+    target: int = 0
+    target_mode: Literal["all-to-one", "all-to-all"] = "all-to-one"
+    poison_rate: float = 0.1
+    restrict: Literal["none", "finetune", "head"] = "none"
+
+    def validate(self, num_classes: int) -> None:
+        check_choice("target_mode", self.target_mode, ("all-to-one", "all-to-all"))
+        check_class("target", self.target, num_classes)
+        check_rate("poison_rate", self.poison_rate)
+        check_choice("restrict", self.restrict, ("none", "finetune", "head"))
+
+
+@dataclass
+class AttackContext:
+    """What an attack may use: data, the victim's architecture and training recipe, a clean model."""
+
+    data: Dataset
+    model_name: str
+    train_cfg: TrainConfig
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    width: float = 1.0
+    progress: bool = True
+    clean_model_path: Path | None = None  # where the clean model is read from / saved to
+    workdir: Path | None = None  # where resumable state (checkpoints) may go
+    _clean: Classifier | None = None
+
+    def new_model(self) -> Classifier:
+        torch.manual_seed(self.seed)
+        return build_model(self.model_name, self.data.spec, self.width).to(self.device)
+
+    def checkpoint(self, name: str) -> Path | None:
+        return self.workdir / f"{name}.ckpt" if self.workdir is not None else None
+
+    def clean_model(self) -> Classifier:
+        """The clean model (loaded if a file exists, else trained once with the shared trainer and saved)."""
+        if self._clean is None:
+            from ..artifacts import load_model, save_model
+
+            p = self.clean_model_path
+            if p is not None and p.exists():
+                self._clean = load_model(p, device=self.device)
+            else:
+                m = self.new_model()
+                train(m, self.data.train, self.data.spec, self.train_cfg, seed=self.seed, device=self.device, progress=self.progress, checkpoint=self.checkpoint("clean"), desc="clean model")
+                if p is not None:
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    save_model(m, p)
+                self._clean = m
+        return self._clean
+
+    def copy_of_clean(self) -> Classifier:
+        m = build_model(self.clean_model().arch).to(self.device)
+        m.load_state_dict(self.clean_model().state_dict())
+        return m
+
+
+@dataclass
+class AttackResult:
+    model: Classifier
+    poisoned_test: Tensor  # poisoned test images (uint8 or float in [0,1]) paired with ``test_labels``
+    test_labels: Tensor  # true labels of those images
+    trigger: Trigger | None = None
+    tensors: dict[str, Tensor] = field(default_factory=dict)  # saved to tensors.safetensors
+    metrics: dict = field(default_factory=dict)  # attack-specific metrics
+    clean_test: Tensor | None = None  # the clean versions of ``poisoned_test`` (default: the test set)
+
+
+class Attack(ABC):
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    kind: ClassVar[AttackKind]
+    Params: ClassVar[type[AttackParams]] = AttackParams
+
+    def __init__(self, params: AttackParams | None = None) -> None:
+        self.p = params if params is not None else self.Params()
+
+    def validate(self, num_classes: int) -> None:
+        self.p.validate(num_classes)
+
+    def labels(self, y: Tensor, num_classes: int) -> Tensor:
+        return target_labels(y, self.p.target_mode, self.p.target, num_classes)
+
+    @abstractmethod
+    def run(self, ctx: AttackContext) -> AttackResult: ...
+
+    # shared by poisoning and training-controlled attacks
+    def victim(self, ctx: AttackContext) -> tuple[Classifier, TrainConfig]:
+        """The model to train and its recipe, following ``restrict``."""
+        if self.p.restrict == "none":
+            return ctx.new_model(), ctx.train_cfg
+        model = ctx.copy_of_clean()
+        return model, replace(ctx.train_cfg, trainable="head" if self.p.restrict == "head" else "all")
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+
+def eligible_for_poison(y: Tensor, p: AttackParams) -> Tensor:
+    """Indices a poisoning attack may relabel: non-target samples for all-to-one, all for all-to-all."""
+    return torch.nonzero(y != p.target).flatten() if p.target_mode == "all-to-one" else torch.arange(len(y))
+
+
+def choose_random(y: Tensor, p: AttackParams, seed: int) -> Tensor:
+    pool = eligible_for_poison(y.cpu(), p)
+    n = max(1, round(p.poison_rate * len(y)))
+    if n > len(pool):
+        from ..errors import ConfigError
+
+        raise ConfigError("poison_rate", f"{p.poison_rate} asks for {n} poisoned samples but only {len(pool)} are eligible")
+    g = torch.Generator().manual_seed(seed + 1)
+    return pool[torch.randperm(len(pool), generator=g)[:n]].sort().values
+
+
+class PoisoningAttack(Attack):
+    """Poison a fraction of the training set with a fixed trigger; the victim trains normally."""
+
+    kind = AttackKind.POISONING
+
+    @abstractmethod
+    def make_trigger(self, ctx: AttackContext) -> Trigger: ...
+
+    def select(self, ctx: AttackContext, trigger: Trigger) -> Tensor:
+        """Which training samples to poison (random by default)."""
+        return choose_random(ctx.data.train.y, self.p, ctx.seed)
+
+    def poison(self, ctx: AttackContext, trigger: Trigger, idx: Tensor) -> ImageSet:
+        train = ctx.data.train
+        x, y = train.x.clone(), train.y.clone()
+        i = idx.to(x.device)
+        x[i] = to_uint8(trigger(to_float(x[i])))
+        y[i] = self.labels(y[i], ctx.data.spec.num_classes)
+        return ImageSet(x, y)
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        trigger = self.make_trigger(ctx)
+        idx = self.select(ctx, trigger)
+        poisoned = self.poison(ctx, trigger, idx)
+        model, cfg = self.victim(ctx)
+        train(model, poisoned, ctx.data.spec, cfg, seed=ctx.seed, device=ctx.device, progress=ctx.progress, checkpoint=ctx.checkpoint("victim"), desc=f"{self.name} victim")
+        test = ctx.data.test
+        return AttackResult(model, to_uint8(trigger(to_float(test.x))), test.y, trigger, {"poison_indices": idx})
+
+
+class TrainingAttack(Attack):
+    """Control training: a batch hook poisons a fraction of every batch on the fly."""
+
+    kind = AttackKind.TRAINING
+
+    @abstractmethod
+    def make_trigger(self, ctx: AttackContext) -> Trigger: ...
+
+    def batch_hook(self, ctx: AttackContext, trigger: Trigger) -> BatchHook:
+        """Default: poison the first ``poison_rate`` of each (shuffled) batch."""
+        nc = ctx.data.spec.num_classes
+
+        def hook(x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+            k = int(round(self.p.poison_rate * len(y)))
+            if k == 0:
+                return x, y
+            x, y = x.clone(), y.clone()
+            x[:k] = trigger(x[:k])
+            y[:k] = self.labels(y[:k], nc)
+            return x, y
+
+        return hook
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        trigger = self.make_trigger(ctx)
+        model, cfg = self.victim(ctx)
+        train(model, ctx.data.train, ctx.data.spec, cfg, seed=ctx.seed, device=ctx.device, batch_hook=self.batch_hook(ctx, trigger), progress=ctx.progress, checkpoint=ctx.checkpoint("victim"), desc=f"{self.name} victim")
+        test = ctx.data.test
+        return AttackResult(model, trigger(to_float(test.x)), test.y, trigger)
+
+
+class ModelModificationAttack(Attack):
+    kind = AttackKind.MODEL
+
+
+class TransferAttack(Attack):
+    kind = AttackKind.TRANSFER
+
+
+AttackFactory = Callable[[AttackParams], Attack]

@@ -1,0 +1,99 @@
+"""The one way to apply a trigger: a ``Trigger`` maps a float batch in [0, 1] to its poisoned version.
+
+Every attack, defense and report applies triggers through this class, and every trigger saves as
+plain tensors (safetensors) and rebuilds from them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..registry import Registry
+
+TRIGGERS: Registry[type["Trigger"]] = Registry("trigger")
+
+
+class Trigger(nn.Module):
+    kind: ClassVar[str]
+
+    def apply(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.apply(x)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+
+    @staticmethod
+    def from_tensors(kind: str, tensors: dict[str, Tensor]) -> "Trigger":
+        return TRIGGERS.get(kind)(**tensors)
+
+
+@TRIGGERS.register("mask-pattern")
+class MaskPatternTrigger(Trigger):
+    """x' = (1 - m)·x + m·p: a patch (m ∈ {0,1}, BadNets), a blend (m = α, Blended), a reversed trigger."""
+
+    kind = "mask-pattern"
+
+    def __init__(self, mask: Tensor, pattern: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.float())
+        self.register_buffer("pattern", pattern.float())
+
+    def apply(self, x: Tensor) -> Tensor:
+        m, p = self.mask.to(x.device, x.dtype), self.pattern.to(x.device, x.dtype)
+        return x * (1 - m) + m * p
+
+
+@TRIGGERS.register("additive")
+class AdditiveTrigger(Trigger):
+    """x' = clip(x + δ, 0, 1): universal perturbations (SIBA, TUAP, random and sparse triggers)."""
+
+    kind = "additive"
+
+    def __init__(self, delta: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("delta", delta.float())
+
+    def apply(self, x: Tensor) -> Tensor:
+        return (x + self.delta.to(x.device, x.dtype)).clamp(0, 1)
+
+
+@TRIGGERS.register("warp")
+class WarpTrigger(Trigger):
+    """x' = grid_sample(x, identity + field): a smooth warp (WaNet). ``grid`` is (H, W, 2) in [-1, 1]."""
+
+    kind = "warp"
+
+    def __init__(self, grid: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("grid", grid.float())
+
+    def apply(self, x: Tensor) -> Tensor:
+        g = self.grid.to(x.device, x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+        return F.grid_sample(x, g, align_corners=True).clamp(0, 1)
+
+
+def place_patch(shape: tuple[int, int, int], pattern: Tensor, position: str | tuple[int, int], margin: int = 1) -> MaskPatternTrigger:
+    """A patch trigger: ``pattern`` (C|1, h, w) placed at a named corner (with a margin) or at (row, col)."""
+    c, h, w = shape
+    ph, pw = pattern.shape[-2:]
+    corners = {
+        "bottom-right": (h - ph - margin, w - pw - margin),
+        "bottom-left": (h - ph - margin, margin),
+        "top-right": (margin, w - pw - margin),
+        "top-left": (margin, margin),
+        "center": ((h - ph) // 2, (w - pw) // 2),
+    }
+    r, col = corners[position] if isinstance(position, str) else position
+    r, col = max(0, min(h - ph, r)), max(0, min(w - pw, col))
+    mask = torch.zeros(1, h, w)
+    full = torch.zeros(c, h, w)
+    mask[:, r : r + ph, col : col + pw] = 1
+    full[:, r : r + ph, col : col + pw] = pattern.expand(c, ph, pw)
+    return MaskPatternTrigger(mask, full)

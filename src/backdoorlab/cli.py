@@ -1,0 +1,194 @@
+"""Command line: ``backdoorlab datasets|models|attacks|defenses|train|attack ...``.
+
+Each sub-command is registered with its handler; configs are validated before any work starts,
+and a ``BackdoorLabError`` is printed as one clear line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+import yaml
+
+from .errors import BackdoorLabError
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def command(fn: Callable[[argparse._SubParsersAction], None]) -> Callable:
+    COMMANDS.append(fn)
+    return fn
+
+
+def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as YAML scalars/lists (3, 0.1, true, [1,2])."""
+    out: dict[str, Any] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise BackdoorLabError(f"{flag} expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    return out
+
+
+def _print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@command
+def _datasets(sub: argparse._SubParsersAction) -> None:
+    def handler(a: argparse.Namespace) -> int:
+        from .data import DATASETS
+
+        rows = [(n, "x".join(map(str, e.spec.shape)), str(e.spec.num_classes), e.default_root or ("--data-root" if e.needs_root else "embedded"), e.spec.description) for n, e in DATASETS.items()]
+        _print_table(rows, ("name", "shape", "classes", "source", "description"))
+        return 0
+
+    sub.add_parser("datasets", help="list datasets").set_defaults(func=handler)
+
+
+@command
+def _models(sub: argparse._SubParsersAction) -> None:
+    def handler(a: argparse.Namespace) -> int:
+        from .models import MODELS
+
+        rows = [(n, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "") for n, fn in MODELS.items()]
+        _print_table(rows, ("name", "description"))
+        return 0
+
+    sub.add_parser("models", help="list models").set_defaults(func=handler)
+
+
+@command
+def _attacks(sub: argparse._SubParsersAction) -> None:
+    def handler(a: argparse.Namespace) -> int:
+        from .attacks import ATTACKS
+
+        _print_table([(n, c.kind.value, c.paper) for n, c in ATTACKS.items()], ("name", "kind", "paper"))
+        return 0
+
+    sub.add_parser("attacks", help="list attacks").set_defaults(func=handler)
+
+
+@command
+def _defenses(sub: argparse._SubParsersAction) -> None:
+    def handler(a: argparse.Namespace) -> int:
+        from .defenses import DEFENSES
+
+        _print_table([(n, getattr(c, "kind", ""), getattr(c, "paper", "")) for n, c in DEFENSES.items()], ("name", "kind", "paper"))
+        return 0
+
+    sub.add_parser("defenses", help="list defenses").set_defaults(func=handler)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--model", default="digit-cnn")
+    p.add_argument("--data-root", default=None, help="folder with the dataset's official files")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--train", action="append", metavar="KEY=VALUE", help="any TrainConfig field, e.g. --train schedule=step")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--force", action="store_true", help="redo a finished run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    t = parse_pairs(a.train, "--train")
+    t.update({k: v for k, v in (("epochs", a.epochs), ("lr", a.lr), ("batch_size", a.batch_size)) if v is not None})
+    return t
+
+
+def _print_metrics(m: dict, keys: list[str]) -> None:
+    rows = []
+    for k in keys:
+        if k in m and m[k] is not None:
+            v = m[k]
+            rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+    _print_table(rows, ("metric", "value"))
+
+
+@command
+def _train(sub: argparse._SubParsersAction) -> None:
+    def handler(a: argparse.Namespace) -> int:
+        from .jobs import TrainJob, run_train
+
+        job = TrainJob(a.dataset, a.model, a.data_root, a.width, a.seed, a.device, _train_overrides(a))
+        m = run_train(job, a.out, progress=not a.quiet, force=a.force)
+        _print_metrics(m, ["clean_accuracy", "train_seconds", "images_per_second"])
+        return 0
+
+    p = sub.add_parser("train", help="train a clean model")
+    _common(p)
+    p.set_defaults(func=handler)
+
+
+ATTACK_KEYS = ["clean_accuracy_before", "clean_accuracy", "attack_success_rate", "attack_success_rate_clean_model", "changed_parameters", "changed_parameters_outside_head", "mean_perturbation_linf", "mean_perturbation_l2", "ssim", "psnr", "seconds"]
+
+
+@command
+def _attack(sub: argparse._SubParsersAction) -> None:
+    def handler(a: argparse.Namespace) -> int:
+        from .jobs import AttackJob, run_attack
+
+        params = parse_pairs(a.param, "--param")
+        for key in ("target", "target_mode", "poison_rate", "restrict", "epsilon"):
+            v = getattr(a, key)
+            if v is not None:
+                params[key] = v
+        job = AttackJob(a.dataset, a.model, a.data_root, a.width, a.seed, a.device, _train_overrides(a), a.name, params, a.clean_model)
+        m = run_attack(job, a.out, progress=not a.quiet, force=a.force)
+        _print_metrics(m, ATTACK_KEYS + [k for k in m.get("summary_keys", [])])
+        if a.json:
+            print(json.dumps({k: m[k] for k in ATTACK_KEYS if k in m}))
+        return 0
+
+    p = sub.add_parser("attack", help="run an attack: backdoorlab attack NAME --out DIR")
+    p.add_argument("name")
+    _common(p)
+    p.add_argument("--target", type=int, default=None)
+    p.add_argument("--target-mode", choices=["all-to-one", "all-to-all"], default=None)
+    p.add_argument("--poison-rate", type=float, default=None)
+    p.add_argument("--restrict", default=None, help="none | finetune | head (train only the final layer of the clean model)")
+    p.add_argument("--epsilon", type=float, default=None, help="L∞ budget in [0,1] for attacks that have one")
+    p.add_argument("--clean-model", default=None, help="clean model file to start from")
+    p.add_argument("--param", "-p", action="append", metavar="KEY=VALUE", help="any attack parameter")
+    p.add_argument("--json", action="store_true", help="also print the headline metrics as JSON")
+    p.set_defaults(func=handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="backdoorlab", description="Backdoor attacks and defenses for image classifiers.")
+    parser.add_argument("--version", action="version", version=f"backdoorlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return int(a.func(a) or 0)
+    except BackdoorLabError as e:
+        print(f"backdoorlab: error: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"backdoorlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Jobs behind the CLI and the experiment grid: validated up front, written to a run directory.
+
+``TrainJob`` trains a clean model; ``AttackJob`` runs any registered attack and evaluates it the
+same way for every method (clean accuracy, ASR, the same images on the clean model, a
+parameter-change audit against the clean model, perturbation and image-quality metrics, a grid).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import RunDir, load_model
+from .data import DATASETS, load_dataset
+from .data.core import to_float
+from .errors import ConfigError
+from .models import MODELS
+from .recipes import resolve_device, train_config
+from .train.evaluate import accuracy, attack_success_rate, asr_mask, per_class_accuracy
+from .train.trainer import TrainConfig, train
+from .validate import build_params, check_positive
+
+
+@dataclass
+class TrainJob:
+    dataset: str = "mnist5k"
+    model: str = "digit-cnn"
+    data_root: str | None = None
+    width: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    train: dict = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        DATASETS.get(self.dataset)
+        MODELS.get(self.model)
+        check_positive("width", self.width)
+        return train_config(self.dataset, self.model, self.train)
+
+    def config(self) -> dict:
+        cfg = asdict(self)
+        cfg["train"] = asdict(self.validate())
+        return cfg
+
+
+@dataclass
+class AttackJob(TrainJob):
+    attack: str = "badnets"
+    params: dict = field(default_factory=dict)
+    clean_model: str | None = None  # a clean model file to start from (else trained and cached)
+    audit: bool = True
+
+    def build(self) -> Any:
+        """Validate everything without loading data: unknown names and bad values fail here."""
+        from .attacks import ATTACKS
+
+        cls = ATTACKS.get(self.attack)
+        self.validate()
+        spec = DATASETS.get(self.dataset).spec
+        params = dict(self.params)
+        params.setdefault("target", spec.default_target)
+        attack = cls(build_params(cls.Params, params, prefix="params."))
+        try:
+            attack.validate(spec.num_classes)
+        except ConfigError as e:
+            raise ConfigError("params." + e.field, str(e).split(": ", 1)[-1]) from None
+        return attack
+
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg["params"] = asdict(self.build().p)
+        return cfg
+
+
+def run_train(job: TrainJob, out: str | Path, progress: bool = True, force: bool = False) -> dict:
+    cfg = job.validate()
+    run = RunDir(out)
+    if run.prepare(job.config(), force=force):
+        return run.read_metrics()
+    from .models import build_model
+
+    data = load_dataset(job.dataset, job.data_root)
+    device = resolve_device(job.device)
+    torch.manual_seed(job.seed)
+    model = build_model(job.model, data.spec, job.width).to(device)
+    hist = train(model, data.train, data.spec, cfg, seed=job.seed, device=device, eval_set=data.test, progress=progress, checkpoint=run.file("train.ckpt"))
+    run.save_model(model)
+    metrics = {
+        "clean_accuracy": accuracy(model, data.test),
+        "per_class_accuracy": per_class_accuracy(model, data.test, data.spec.num_classes),
+        "train_seconds": hist.seconds,
+        "images_per_second": hist.images_per_second,
+        "history": hist.epochs,
+        "device": str(device),
+    }
+    run.write_metrics(metrics)
+    run.file("train.ckpt").unlink(missing_ok=True)
+    return metrics
+
+
+def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bool = False) -> dict:
+    from .attacks.base import AttackContext
+    from .metrics import image_quality, parameter_audit
+    from .plots import clean_poison_grid
+
+    attack = job.build()
+    cfg = job.validate()
+    run = RunDir(out)
+    if run.prepare(job.config(), force=force):
+        return run.read_metrics()
+    t0 = time.perf_counter()
+    data = load_dataset(job.dataset, job.data_root)
+    device = resolve_device(job.device)
+    clean_path = Path(job.clean_model) if job.clean_model else run.file("clean_model.safetensors")
+    if job.clean_model and not clean_path.exists():
+        raise ConfigError("clean_model", f"{clean_path} does not exist")
+    ctx = AttackContext(data, job.model, cfg, job.seed, device, job.width, progress, clean_path, run.path)
+    if job.clean_model:
+        ctx._clean = load_model(clean_path, device=device)  # fails early if the file is not a model
+    res = attack.run(ctx)
+    nc = data.spec.num_classes
+    p = attack.p
+    metrics: dict[str, Any] = {
+        "attack": job.attack,
+        "kind": attack.kind.value,
+        "paper": attack.paper,
+        "clean_accuracy": accuracy(res.model, data.test),
+        "attack_success_rate": attack_success_rate(res.model, res.poisoned_test, res.test_labels, p.target_mode, p.target, nc),
+    }
+    clean_x = res.clean_test if res.clean_test is not None else data.test.x
+    if job.audit or attack.kind.value in ("model-modification",) or p.restrict != "none":
+        clean = ctx.clean_model()
+        metrics["clean_accuracy_before"] = accuracy(clean, data.test)
+        metrics["attack_success_rate_clean_model"] = attack_success_rate(clean, res.poisoned_test, res.test_labels, p.target_mode, p.target, nc)
+        if clean.arch == res.model.arch:
+            metrics.update(parameter_audit(clean, res.model))
+    metrics.update(image_quality(clean_x, res.poisoned_test))
+    metrics["per_class_accuracy"] = per_class_accuracy(res.model, data.test, nc)
+    metrics.update(res.metrics)
+    metrics["seconds"] = time.perf_counter() - t0
+    metrics["device"] = str(device)
+    run.save_model(res.model)
+    tensors = dict(res.tensors)
+    if res.trigger is not None:
+        tensors.update({f"trigger.{k}": v for k, v in res.trigger.tensors().items()})
+    if tensors:
+        run.save_tensors("tensors.safetensors", tensors, {"trigger_kind": res.trigger.kind if res.trigger is not None else None})
+    show = asr_mask(res.test_labels.cpu(), p.target_mode, p.target)
+    sel = torch.nonzero(show).flatten()[:8]
+    clean_poison_grid(clean_x[sel.to(clean_x.device)], res.poisoned_test[sel.to(res.poisoned_test.device)], run.file("samples.png"), title=f"{job.attack} on {job.dataset}")
+    run.write_metrics(metrics)  # last: marks the run finished
+    for ck in run.path.glob("*.ckpt"):
+        ck.unlink()
+    return metrics
