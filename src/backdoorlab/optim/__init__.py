@@ -1,0 +1,5 @@
+"""Optimisation routines shared by attacks and defenses."""
+
+from .pgd import PGDConfig, pgd
+
+__all__ = ["PGDConfig", "pgd"]

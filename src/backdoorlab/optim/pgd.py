@@ -1,0 +1,78 @@
+"""The one PGD routine (Madry et al. 2018): L∞-bounded perturbations minimising a batched loss.
+
+Every attack and defense that crafts bounded perturbations (MMLM's poisoned test images, universal
+perturbations, adversarial examples) calls :func:`pgd`. The loss is given per sample, so each
+image in the batch is optimised independently, and the best iterate per sample can be kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..validate import check_epsilon, check_positive
+
+LossPerSample = Callable[[Tensor, Tensor], Tensor]  # (x_adv, batch index) -> loss per sample (B,)
+
+
+@dataclass
+class PGDConfig:
+    epsilon: float = 8 / 255
+    steps: int = 100
+    step_size: float | None = None  # default: 2.5·ε/steps (Madry et al.), at least ε/50
+    random_start: bool = False
+    keep_best: bool = True  # return, per sample, the iterate with the lowest loss
+    early_stop: Callable[[Tensor, Tensor], Tensor] | None = None  # (x_adv, idx) -> bool (B,) samples that are done
+
+    def __post_init__(self) -> None:
+        check_epsilon("epsilon", self.epsilon)
+        check_positive("steps", self.steps)
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size if self.step_size is not None else max(2.5 * self.epsilon / self.steps, self.epsilon / 50)
+
+
+def pgd(x: Tensor, loss_fn: LossPerSample, cfg: PGDConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Minimise ``loss_fn`` over x + δ with ||δ||∞ ≤ ε and x + δ ∈ [0, 1]; signed-gradient steps."""
+    x = x.detach()
+    idx = torch.arange(len(x), device=x.device)
+    if cfg.epsilon == 0:
+        return x.clone()
+    delta = torch.zeros_like(x)
+    if cfg.random_start:
+        delta = (torch.rand(x.shape, generator=generator, device="cpu").to(x.device) * 2 - 1) * cfg.epsilon
+    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    best = x.clone()
+    best_loss = torch.full((len(x),), float("inf"), device=x.device)
+    active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(cfg.steps):
+        loss = loss_fn(x + delta, idx)
+        (grad,) = torch.autograd.grad(loss.sum(), delta)
+        with torch.no_grad():
+            if cfg.keep_best:
+                better = loss.detach() < best_loss
+                best_loss = torch.where(better, loss.detach(), best_loss)
+                best[better] = (x + delta)[better]
+            if cfg.early_stop is not None:
+                active &= ~cfg.early_stop(x + delta, idx)
+                if not bool(active.any()):
+                    break
+            step = cfg.alpha * grad.sign() * active.view(-1, *[1] * (x.dim() - 1))
+            delta -= step
+            delta.clamp_(-cfg.epsilon, cfg.epsilon)
+            delta.copy_((x + delta).clamp(0, 1) - x)
+    with torch.no_grad():
+        final = x + delta
+        if cfg.keep_best:
+            last = loss_fn(final, idx)
+            better = last < best_loss
+            best[better] = final[better]
+            if cfg.early_stop is not None:  # samples that stopped early keep the iterate that succeeded
+                done = ~active
+                best[done] = final[done]
+            return best.detach()
+    return final.detach()
