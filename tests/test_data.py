@@ -82,4 +82,6 @@ def test_imageset_rejects_wrong_dtype():
     import pytest
 
     with pytest.raises(ValueError, match="uint8"):
-        ImageSet(torch.zeros(2, 1, 4, 4), torch.zeros(2))
+        ImageSet(torch.zeros(2, 1, 4, 4, dtype=torch.int32), torch.zeros(2))
+    feats = ImageSet(torch.rand(5, 12), torch.arange(5))  # a float feature view is allowed
+    assert len(feats) == 5

@@ -25,14 +25,18 @@ class DatasetSpec:
 
 @dataclass
 class ImageSet:
-    """Images as uint8 (N, C, H, W) and labels as int64 (N,), on one device."""
+    """Images as uint8 (N, C, H, W) and labels as int64 (N,), on one device.
+
+    A float ``x`` of any shape (N, ...) is accepted as a *feature view* (e.g. penultimate
+    activations for training a head on them); augmentation is for uint8 images only.
+    """
 
     x: Tensor
     y: Tensor
 
     def __post_init__(self) -> None:
-        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
-            raise ValueError(f"ImageSet.x must be uint8 (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}")
+        if not ((self.x.dtype == torch.uint8 and self.x.dim() == 4) or (self.x.is_floating_point() and self.x.dim() >= 2)):
+            raise ValueError(f"ImageSet.x must be uint8 (N, C, H, W) or a float feature view (N, ...), got {self.x.dtype} {tuple(self.x.shape)}")
         if self.y.shape != (self.x.shape[0],):
             raise ValueError(f"ImageSet.y must have shape ({self.x.shape[0]},), got {tuple(self.y.shape)}")
         self.y = self.y.long()

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..data.core import to_float
 from ..validate import check_epsilon, check_positive
 
 LossPerSample = Callable[[Tensor, Tensor], Tensor]  # (x_adv, batch index) -> loss per sample (B,)
@@ -38,7 +39,7 @@ class PGDConfig:
 
 def pgd(x: Tensor, loss_fn: LossPerSample, cfg: PGDConfig, generator: torch.Generator | None = None) -> Tensor:
     """Minimise ``loss_fn`` over x + δ with ||δ||∞ ≤ ε and x + δ ∈ [0, 1]; signed-gradient steps."""
-    x = x.detach()
+    x = to_float(x.detach())
     idx = torch.arange(len(x), device=x.device)
     if cfg.epsilon == 0:
         return x.clone()

@@ -8,6 +8,10 @@ Choices (defaults), documented because the papers' values were lost or differ:
 * neighbours: ``method="centroid"`` (default, as the MMLM paper describes): the k mass centres
   nearest to x in Euclidean distance, nearest first; the first one is the "first cell".
   ``method="potential"``: AE-OT's top-k of <x, y_i> + h_i; the first cell is then x's OT cell.
+  Caveat: mass centres are means of ~N/n samples; in high dimension with few samples per cell
+  they are noisy and the nearest centre rarely is x's own cell (d=256, n=2000, 20k samples:
+  3.6% agreement), so neighbours become almost random. Use many samples per cell there, or
+  ``method="potential"``, whose neighbours follow the OT cells directly.
 * k = 2 (default): the first cell and one neighbour. The mixture test needs *all* k-1 angles to
   exceed the threshold, so larger k is a stricter test (every neighbour must lie across a gap).
 * weights: ``"inverse_distance"`` (default): lambda_j proportional to 1 / ||x - c_j|| over the k
@@ -115,6 +119,8 @@ def extension_weights(dist: torch.Tensor, weights: str | Sequence[float] = "inve
                       pair_weight: float = 0.75) -> torch.Tensor:
     """Convex weights (m, k) over a point's k cells (see the module docstring)."""
     m, k = dist.shape
+    if k < 2:
+        raise ConfigError("k", f"the extension needs k >= 2 cells, got {k}")
     if isinstance(weights, str):
         if weights == "inverse_distance":
             inv = 1.0 / dist.clamp(min=1e-12)

@@ -19,14 +19,23 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    """Logits (float32, on the CPU) of images given as uint8 or float in [0, 1], in eval mode."""
+def batched(fn, model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Apply ``fn(float batch)`` over images given as uint8 or float in [0, 1], in eval mode; CPU float32 out."""
     was = model.training
     model.eval()
     dev = model_device(model)
-    out = [model(to_float(x[s : s + batch_size].to(dev))).float().cpu() for s in range(0, len(x), batch_size)]
+    out = [fn(to_float(x[s : s + batch_size].to(dev))).float().cpu() for s in range(0, len(x), batch_size)]
     model.train(was)
     return torch.cat(out) if out else torch.empty(0)
+
+
+def logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    return batched(model, model, x, batch_size)
+
+
+def features(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Penultimate activations (the head's input)."""
+    return batched(model.features, model, x, batch_size)
 
 
 def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:

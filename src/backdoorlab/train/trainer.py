@@ -161,6 +161,7 @@ def train(
         start_epoch = int(state["epoch"])
         hist.epochs = list(state["history"])
     data = data.to(device)
+    do_augment = cfg.augment and data.x.dtype == torch.uint8  # feature views are never augmented
     bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
     for epoch in bar:
@@ -169,11 +170,11 @@ def train(
             model.stages[name].eval()  # frozen stages keep their batch-norm statistics
         tot_loss, tot_hit, tot_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for x, y, idx in iterate(data, cfg.batch_size, shuffle=True, generator=gen):
-            if cfg.augment:
+            if do_augment:
                 x = augment(x, spec, gen)
             if batch_hook is not None:
                 x, y = batch_hook(x, y, idx)
-            if amp and cfg.channels_last != "off":
+            if amp and cfg.channels_last != "off" and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
                 if k:

@@ -1,0 +1,209 @@
+"""Expand an experiment into cells that share work, and check every cell before anything runs.
+
+A **clean** cell trains one clean model per dataset, model and seed; every **attack** cell of that
+dataset, model and seed starts from it (``AttackJob.clean_model``); a **defense** cell runs on its
+attack cell's run directory. Each cell has its own run directory under ``OUT/cells/<id>``, whose
+``metrics.json`` marks it finished.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..artifacts import RunDir, dump_json
+from ..errors import ConfigError
+from ..jobs import AttackJob, TrainJob
+from ..validate import check_positive
+from .spec import CLEAN_MODEL, Experiment, Resources, slug
+
+
+def _reraise(where: str, e: ConfigError, context: str = "") -> ConfigError:
+    msg = str(e).split(": ", 1)[-1] + (f" [{context}]" if context else "")
+    return ConfigError(f"{where}.{e.field}" if e.field else where, msg)
+
+
+def check_defense(job: Any) -> None:
+    """Validate a defense job before its attack run exists: everything ``DefenseJob.build`` checks
+    except the run folder itself (checked last there; the attack cell has not run yet)."""
+    try:
+        job.build()
+    except ConfigError as e:
+        if e.field not in ("run", "model") or Path(job.run, "metrics.json").exists():
+            raise
+
+
+@dataclass
+class Cell:
+    id: str
+    kind: str  # "clean" | "attack" | "defense"
+    dataset: str
+    model: str  # the model's label
+    seed: int
+    job: Any  # TrainJob | AttackJob | defenses.DefenseJob
+    dir: Path
+    resources: Resources
+    deps: tuple[str, ...] = ()
+    attack: str | None = None  # full attack label (with swept values)
+    group: str | None = None  # the attack entry's label
+    sweep: dict = field(default_factory=dict)
+    defense: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return (self.dir / "metrics.json").exists()
+
+    def identity(self) -> dict:
+        """The fields every table row of this cell carries."""
+        return {"cell": self.id, "kind": self.kind, "dataset": self.dataset, "model": self.model, "attack": self.attack,
+                "group": self.group, "sweep": dict(self.sweep), "defense": self.defense, "seed": self.seed}
+
+    def config_text(self) -> str:
+        return dump_json(self.job.config())
+
+
+class Grid:
+    """The cells of an experiment in dependency order (every cell after the cells it needs)."""
+
+    def __init__(self, exp: Experiment, out: Path, cells: list[Cell]) -> None:
+        self.exp, self.out, self.cells = exp, out, cells
+        self.by_id = {c.id: c for c in cells}
+
+    def __iter__(self) -> Iterator[Cell]:
+        return iter(self.cells)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def dependents(self, cell_id: str) -> list[Cell]:
+        """Cells that need ``cell_id``, directly or not."""
+        out, todo = [], [cell_id]
+        while todo:
+            cur = todo.pop()
+            for c in self.cells:
+                if cur in c.deps and c not in out:
+                    out.append(c)
+                    todo.append(c.id)
+        return out
+
+    def check_run_dirs(self) -> None:
+        """Fail before running when a cell's folder holds a run with another config (the file changed).
+
+        Paths into the grid (a clean model, a defended run) are compared from ``cells/`` on, so an
+        output folder that was moved or copied still resumes; an unfinished cell's config is then
+        rewritten with the new paths so that its job resumes from its checkpoints.
+        """
+        for c in self.cells:
+            path = c.dir / "config.json"
+            if not path.exists():
+                continue
+            want = c.config_text()
+            have = path.read_text()
+            if have == want:
+                continue
+            if _portable(json.loads(have)) != _portable(json.loads(want)):
+                raise ConfigError(f"cell {c.id}", f"{c.dir} holds a run with another config (was the experiment file changed?); use another --out or delete that folder")
+            if not c.finished:
+                RunDir(c.dir).write_json("config.json", json.loads(want))
+
+
+def _portable(obj: Any) -> Any:
+    """A config with paths inside a grid's ``cells/`` folder cut to start at ``cells/``."""
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v) for v in obj]
+    if isinstance(obj, str) and "/cells/" in obj:
+        return obj[obj.rindex("/cells/") + 1 :]
+    return obj
+
+
+def _validate_names(exp: Experiment) -> None:
+    from ..attacks import ATTACKS
+    from ..data import DATASETS
+    from ..models import MODELS
+
+    for i, d in enumerate(exp.datasets):
+        try:
+            DATASETS.get(d.name)
+        except ConfigError as e:
+            raise ConfigError(f"datasets[{i}].name", str(e).split(": ", 1)[-1]) from None
+    for i, m in enumerate(exp.models):
+        try:
+            MODELS.get(m.name)
+            check_positive("width", m.width)
+        except ConfigError as e:
+            raise ConfigError(f"models[{i}].{'width' if e.field == 'width' else 'name'}", str(e).split(": ", 1)[-1]) from None
+    for i, a in enumerate(exp.attacks):
+        try:
+            ATTACKS.get(a.attack)
+        except ConfigError as e:
+            raise ConfigError(f"attacks[{i}].attack", str(e).split(": ", 1)[-1]) from None
+
+
+def expand(exp: Experiment, out: str | Path) -> Grid:
+    """Build and validate every cell's job (names, parameters, training overrides) without loading data."""
+    from ..recipes import train_config
+
+    _validate_names(exp)
+    out = Path(out).resolve()
+    root = out / "cells"
+    # every training override is checked where it is written, so the error names the right field
+    for i, d in enumerate(exp.datasets):
+        for m in exp.models:
+            for where, overrides in (("", exp.train), (f"datasets[{i}].", {**exp.train, **d.train})):
+                try:
+                    train_config(d.name, m.name, overrides)
+                except ConfigError as e:
+                    raise ConfigError(where + e.field, str(e).split(": ", 1)[-1]) from None
+    attack_jobs: dict[tuple, AttackJob] = {}
+    for i, a in enumerate(exp.attacks):
+        for label, params, _ in a.variants():
+            for d in exp.datasets:
+                for m in exp.models:
+                    job = AttackJob(d.name, m.name, d.data_root, m.width, 0, exp.device, {**exp.train, **d.train, **a.train}, a.attack, params, None, a.audit)
+                    try:
+                        job.build()
+                    except ConfigError as e:
+                        raise _reraise(f"attacks[{i}]", e, f"attack {label!r} on {d.name} with {m.label}") from None
+                    attack_jobs[(label, d.name, m.label)] = job
+    from ..defenses import DefenseJob
+
+    for i, df in enumerate(exp.defenses):
+        try:
+            check_defense(DefenseJob(df.name, str(root / "not-yet-run"), heldout_fraction=df.heldout_fraction, heldout_seed=df.heldout_seed, params=dict(df.params)))
+        except ConfigError as e:
+            field_ = "name" if e.field == "defense" else e.field
+            raise ConfigError(f"defenses[{i}].{field_}", str(e).split(": ", 1)[-1]) from None
+
+    cells: list[Cell] = []
+    for seed in exp.seeds:
+        for d in exp.datasets:
+            for m in exp.models:
+                base = f"{slug(d.name)}/{slug(m.label)}"
+                clean_id = f"clean/{base}/s{seed}"
+                clean = Cell(clean_id, "clean", d.name, m.label, seed, TrainJob(d.name, m.name, d.data_root, m.width, seed, exp.device, {**exp.train, **d.train}), root / clean_id, exp.resources)
+                cells.append(clean)
+                on_clean: set[str] = set()
+                for a in exp.attacks:
+                    for label, params, point in a.variants():
+                        proto = attack_jobs[(label, d.name, m.label)]
+                        job = AttackJob(**{**asdict(proto), "seed": seed, "clean_model": str(clean.dir / "model.safetensors")})
+                        aid = f"attack/{base}/{slug(label)}/s{seed}"
+                        cell = Cell(aid, "attack", d.name, m.label, seed, job, root / aid, a.resources or exp.resources, (clean_id,), label, a.label, point)
+                        cells.append(cell)
+                        for df in exp.defenses:
+                            if df.attacks is not None and a.label not in df.attacks:
+                                continue
+                            did = f"defense/{base}/{slug(label)}/{slug(df.label)}/s{seed}"
+                            djob = DefenseJob(df.name, str(cell.dir), "backdoored", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params))
+                            cells.append(Cell(did, "defense", d.name, m.label, seed, djob, root / did, df.resources or exp.resources, (aid,), label, a.label, point, df.label))
+                            if df.clean_model and df.label not in on_clean:
+                                # the clean model, inspected once through the first attack run it defends
+                                on_clean.add(df.label)
+                                cid = f"defense/{base}/{slug(CLEAN_MODEL)}/{slug(df.label)}/s{seed}"
+                                cjob = DefenseJob(df.name, str(cell.dir), "clean", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params))
+                                cells.append(Cell(cid, "defense", d.name, m.label, seed, cjob, root / cid, df.resources or exp.resources, (aid,), CLEAN_MODEL, CLEAN_MODEL, {}, df.label))
+    return Grid(exp, out, cells)

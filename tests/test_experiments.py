@@ -1,0 +1,291 @@
+"""Experiment files and ``backdoorlab run``: validation up front, shared clean models, resume after a
+failure or a SIGKILL without losing or duplicating rows, the report, and Ray against the local run.
+
+One small grid (digits, a half-width Digit-CNN, 2 epochs, two seeds: 8 cells) is run once locally
+and serves as the reference for every other run: on this CPU the numbers are deterministic, so
+every non-timing metric must match *exactly*, however the grid was run (resumed, killed, on Ray).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backdoorlab.cli import main
+from backdoorlab.errors import ConfigError
+from backdoorlab.experiments import TABLE_FILE, ResultsTable, executors, parse_experiment, prepare, run_experiment
+from backdoorlab.experiments.table import TIMING_METRICS
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+GRID = {
+    "name": "test grid",
+    "seeds": [0, 1],
+    "train": {"epochs": 2, "batch_size": 64},
+    "resources": {"cpus": 1},
+    "datasets": ["digits"],
+    "models": [{"name": "digit-cnn", "width": 0.5}],
+    "attacks": [
+        {"label": "BadNets", "attack": "badnets", "params": {"patch_size": 2}},
+        {"label": "BadNets (head)", "attack": "badnets", "params": {"patch_size": 2, "restrict": "head"}},
+    ],
+    "defenses": [{"name": "activation-clustering", "attacks": ["BadNets"], "params": {"tsne_points": 60}}],
+    "tables": [
+        {"kind": "pivot", "title": "Table 2", "metrics": ["clean_accuracy", "attack_success_rate"], "labels": {"attack_success_rate": "ASR"}},
+        {"kind": "pivot", "title": "Table 4", "metrics": ["changed_parameters", "changed_parameters_outside_head"], "rows": ["attack"], "cols": ["metric"], "format": ".0f"},
+        {"kind": "histogram", "title": "Table 5"},
+        {"kind": "defense", "title": "Defenses", "metrics": ["ari", "silhouette"]},
+    ],
+    "plots": [
+        {"kind": "images", "title": "Samples"},
+        {"kind": "images", "title": "AC", "cells": "defense", "file": "*.png"},
+    ],
+}
+SEED0 = ["clean/digits/digit-cnn-w0.5/s0", "attack/digits/digit-cnn-w0.5/badnets/s0", "attack/digits/digit-cnn-w0.5/badnets-head/s0", "defense/digits/digit-cnn-w0.5/badnets/activation-clustering/s0"]
+SEED1 = [c.replace("/s0", "/s1") for c in SEED0]
+
+
+def write_grid(path: Path, doc: dict = GRID) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def values(out: Path) -> dict:
+    """(cell, metric) -> value for every non-timing row; also checks that no key appears twice in the file."""
+    lines = [json.loads(x) for x in (out / TABLE_FILE).read_text().splitlines()]
+    keys = [(r["cell"], r["metric"]) for r in lines]
+    assert len(keys) == len(set(keys)), "duplicate rows in the table"
+    return {k: r["value"] for k, r in zip(keys, lines) if r["metric"] not in TIMING_METRICS}
+
+
+def stamps(out: Path, cells: list[str]) -> dict[str, int]:
+    return {c: (out / "cells" / c / "metrics.json").stat().st_mtime_ns for c in cells}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reference")
+    f = write_grid(d / "grid.yaml")
+    res = run_experiment(f, d / "out", progress=False)
+    return f, d / "out", res
+
+
+# ------------------------------------------------------------------ the file is checked before any work
+
+
+def _mutate(path: str, value):
+    def apply(doc: dict) -> dict:
+        doc = copy.deepcopy(doc)
+        *parents, last = path.split(".")
+        cur = doc
+        for p in parents:
+            cur = cur[int(p)] if isinstance(cur, list) else cur[p]
+        if value is KeyError:
+            del cur[last]
+        elif isinstance(cur, list):
+            cur[int(last)] = value
+        else:
+            cur[last] = value
+        return doc
+
+    return apply
+
+
+@pytest.mark.parametrize("change, field, text", [
+    (_mutate("datasets.0", "imagenet21k"), "datasets[0].name", "unknown dataset"),
+    (_mutate("models.0.name", "gpt"), "models[0].name", "unknown model"),
+    (_mutate("attacks.0.attack", "nope"), "attacks[0].attack", "unknown attack 'nope'"),
+    (_mutate("attacks.0.params.patch_size", 0), "attacks[0].params.patch_size", ">= 1"),
+    (_mutate("attacks.1.params.colour", "red"), "attacks[1].params.colour", "unknown parameter"),
+    (_mutate("attacks.0.params.target", 10), "attacks[0].params.target", "out of range"),
+    (_mutate("attacks.0.sweep", {"poison_rate": [0.1, 1.5]}), "attacks[0].params.poison_rate", "(0, 1]"),
+    (_mutate("attacks.0.sweep", {"poison_rate": 0.1}), "attacks[0].sweep.poison_rate", "list"),
+    (_mutate("attacks.1.train", {"lr": -1}), "attacks[1].train.lr", "> 0"),
+    (_mutate("train.epochs", -1), "train.epochs", ">= 0"),
+    (_mutate("train.optimiser", "adam"), "train.optimiser", "unknown parameter"),
+    (_mutate("datasets.0", {"name": "digits", "train": {"schedule": "weird"}}), "datasets[0].train.schedule", "must be one of"),
+    (_mutate("attacks.1.label", "BadNets"), "attacks", "twice"),
+    (_mutate("seeds", [0, 0]), "seeds", "repeated"),
+    (_mutate("defenses.0.name", "magic"), "defenses[0].name", "unknown defense"),
+    (_mutate("defenses.0.params", {"dims": 0}), "defenses[0].params.dims", ">= 1"),
+    (_mutate("defenses.0.attacks", ["WaNet"]), "defenses[0].attacks", "no attack labelled 'WaNet'"),
+    (_mutate("tables.0.kind", "heatmap"), "tables[0].kind", "unknown table kind 'heatmap'"),
+    (_mutate("tables.0.metrics", []), "tables[0].metrics", "at least one"),
+    (_mutate("tables.0.cols", ["dataset"]), "tables[0].cols", "several metrics"),
+    (_mutate("tables.1.rows", ["colour"]), "tables[1].rows", "unknown field"),
+    (_mutate("tables.0.where", {"attack": ["WaNet"]}), "tables[0].where.attack", "not in this experiment"),
+    (_mutate("plots.0.kind", "movie"), "plots[0].kind", "unknown plot kind"),
+    (_mutate("resources.gpus", -1), "resources.gpus", ">= 0"),
+    (_mutate("colour", "red"), "colour", "unknown key"),
+    (_mutate("models", KeyError), "models", "required"),
+])
+def test_bad_files_fail_before_any_work_naming_the_field(tmp_path, change, field, text):
+    with pytest.raises(ConfigError) as e:
+        prepare(parse_experiment(change(GRID)), tmp_path / "out")
+    assert e.value.field == field, str(e.value)
+    assert text in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_run_refuses_a_bad_file_and_a_bad_executor(tmp_path, capsys):
+    bad = write_grid(tmp_path / "bad.yaml", _mutate("attacks.0.params.patch_size", 0)(GRID))
+    assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "attacks[0].params.patch_size" in capsys.readouterr().err
+    good = write_grid(tmp_path / "good.yaml")
+    assert main(["run", str(good), "--out", str(tmp_path / "o"), "--executor", "slurm"]) == 2
+    assert "executor: unknown executor 'slurm'; choose one of: local, ray" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["run", str(good), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert "8 cells, 8 to run" in capsys.readouterr().out
+
+
+def test_grid_shares_one_clean_model_per_dataset_model_and_seed(tmp_path):
+    doc = copy.deepcopy(GRID)
+    doc["attacks"][0]["sweep"] = {"poison_rate": [0.05, 0.2]}
+    doc["defenses"][0]["clean_model"] = True
+    grid = prepare(parse_experiment(doc), tmp_path)
+    kinds = [c.kind for c in grid]
+    assert kinds.count("clean") == 2 and kinds.count("attack") == 6 and kinds.count("defense") == 6
+    for c in grid:
+        assert all(grid.cells.index(grid.by_id[d]) < grid.cells.index(c) for d in c.deps)  # dependency order
+        if c.kind == "attack":
+            clean = grid.by_id[c.deps[0]]
+            assert clean.kind == "clean" and clean.seed == c.seed == c.job.seed
+            assert c.job.clean_model == str(clean.dir / "model.safetensors")
+    labels = [c.attack for c in grid if c.kind == "attack" and c.seed == 0]
+    assert labels == ["BadNets (poison_rate=0.05)", "BadNets (poison_rate=0.2)", "BadNets (head)"]
+    assert [c.job.params["poison_rate"] for c in grid if c.group == "BadNets" and c.kind == "attack" and c.seed == 0] == [0.05, 0.2]
+    on_clean = [c for c in grid if c.attack == "clean model"]
+    assert len(on_clean) == 2 and all(c.job.model == "clean" for c in on_clean)
+
+
+def test_a_second_run_on_the_same_folder_at_once_is_refused(tmp_path):
+    import fcntl
+
+    f = write_grid(tmp_path / "grid.yaml")
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out/run.lock", "w") as held:  # as another running process would hold it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError) as e:
+            run_experiment(f, tmp_path / "out", progress=False)
+    assert e.value.field == "out" and "another backdoorlab process" in str(e.value)
+    assert not (tmp_path / "out" / TABLE_FILE).exists()
+
+
+# ------------------------------------------------------------------ running, resuming, the report
+
+
+def test_local_run_writes_one_row_per_cell_and_metric_and_a_report(reference):
+    f, out, res = reference
+    assert res.ok and sorted(res.ran) == sorted(SEED0 + SEED1) and not res.skipped
+    table = values(out)
+    for cell in SEED0 + SEED1:
+        m = json.loads((out / "cells" / cell / "metrics.json").read_text())
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and k not in TIMING_METRICS:
+                assert table[(cell, k)] == v
+    for s in (0, 1):
+        clean = json.loads((out / f"cells/clean/digits/digit-cnn-w0.5/s{s}/metrics.json").read_text())
+        for a in ("badnets", "badnets-head"):
+            d = out / f"cells/attack/digits/digit-cnn-w0.5/{a}/s{s}"
+            assert not (d / "clean_model.safetensors").exists()  # started from the shared clean model, not a retrained one
+            assert table[(str(d.relative_to(out / "cells")), "clean_accuracy_before")] == clean["clean_accuracy"]
+        assert table[(f"attack/digits/digit-cnn-w0.5/badnets-head/s{s}", "changed_parameters_outside_head")] == 0
+    report = (out / "report.md").read_text()
+    asr = [table[(f"attack/digits/digit-cnn-w0.5/badnets/s{s}", "attack_success_rate")] for s in (0, 1)]
+    assert f"{statistics.fmean(asr):.3f} ± {statistics.stdev(asr):.3f}" in report  # mean ± std over the seeds
+    assert "| Attack | digits · clean_accuracy | digits · ASR |" in report and "## Table 5" in report and "[1e-05, 0.0001)" in report
+    for rel in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
+        assert (out / rel).is_file()
+    assert "badnets/s0/samples.png" in report and "activation_clustering" in report
+    assert json.loads((out / "progress.json").read_text())["done"] == 8
+
+
+def test_run_again_redoes_nothing(reference):
+    f, out, _ = reference
+    before, table = stamps(out, SEED0 + SEED1), (out / TABLE_FILE).read_bytes()
+    res = run_experiment(f, out, progress=False)
+    assert res.ran == [] and sorted(res.skipped) == sorted(SEED0 + SEED1)
+    assert stamps(out, SEED0 + SEED1) == before and (out / TABLE_FILE).read_bytes() == table
+
+
+def test_a_failing_cell_blocks_only_what_needs_it_then_resumes(tmp_path, monkeypatch, reference):
+    f, ref_out, _ = reference
+    real = executors.execute_cell
+
+    def flaky(cell, progress=True):
+        if cell.id == SEED1[0]:
+            raise RuntimeError("simulated crash in the clean model of seed 1")
+        return real(cell, progress)
+
+    monkeypatch.setattr(executors, "execute_cell", flaky)
+    res = run_experiment(f, tmp_path / "out", progress=False)
+    assert list(res.failed) == [SEED1[0]] and sorted(res.blocked) == sorted(SEED1[1:]) and sorted(res.ran) == sorted(SEED0)
+    assert "simulated crash" in (tmp_path / "out/cells" / SEED1[0] / "error.txt").read_text()
+    assert {c for c, _ in values(tmp_path / "out")} == set(SEED0)
+    assert "## Failed cells" in (tmp_path / "out/report.md").read_text()
+    monkeypatch.setattr(executors, "execute_cell", real)
+    first = stamps(tmp_path / "out", SEED0)
+    res = run_experiment(f, tmp_path / "out", progress=False)
+    assert res.ok and sorted(res.ran) == sorted(SEED1) and stamps(tmp_path / "out", SEED0) == first
+    assert not (tmp_path / "out/cells" / SEED1[0] / "error.txt").exists()
+    assert values(tmp_path / "out") == values(ref_out)
+
+
+def test_sigkill_mid_grid_then_rerun_loses_nothing_and_duplicates_nothing(tmp_path, reference):
+    f, ref_out, _ = reference
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "backdoorlab.cli", "run", str(f), "--out", str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            table = out / TABLE_FILE
+            if table.exists() and len({json.loads(x)["cell"] for x in table.read_text().splitlines() if x.endswith("}")}) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    finished = [c for c in SEED0 + SEED1 if (out / "cells" / c / "metrics.json").exists()]
+    assert 3 <= len(finished) < 8
+    before = stamps(out, finished)
+    # worse than a kill between cells: a torn last line, and a finished cell whose rows never got written
+    rows = [x for x in (out / TABLE_FILE).read_text().splitlines() if json.loads(x)["cell"] != finished[1]]
+    (out / TABLE_FILE).write_text("\n".join(rows) + '\n{"cell": "clean/digits/digit-cnn-w0.5/s1", "metr')
+    res = run_experiment(f, out, progress=False)
+    assert res.ok and sorted(res.skipped) == sorted(finished) and sorted(res.ran) == sorted(set(SEED0 + SEED1) - set(finished))
+    assert stamps(out, finished) == before
+    assert values(out) == values(ref_out)
+
+
+def _ray_available() -> None:
+    """Ray is the optional extra ``ray``; CI installs it and sets BACKDOORLAB_REQUIRE_RAY=1 so its absence fails."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        if os.environ.get("BACKDOORLAB_REQUIRE_RAY") == "1":
+            raise
+        pytest.skip("ray is not installed (pip install -e '.[ray]'); set BACKDOORLAB_REQUIRE_RAY=1 to make this a failure")
+
+
+def test_ray_continues_a_local_run_and_matches_it_exactly(tmp_path, reference):
+    _ray_available()
+    f, ref_out, _ = reference
+    out = tmp_path / "moved"
+    for cell in SEED0:  # seed 0 was run locally (in another folder); Ray does the rest
+        shutil.copytree(ref_out / "cells" / cell, out / "cells" / cell)
+    res = run_experiment(f, out, executor="ray", num_cpus=2, progress=False)
+    assert res.ok and sorted(res.skipped) == sorted(SEED0) and sorted(res.ran) == sorted(SEED1)
+    assert values(out) == values(ref_out)  # exact equality: same thread count, deterministic CPU kernels
