@@ -147,7 +147,11 @@ def _attack(sub: argparse._SubParsersAction) -> None:
                 params[key] = v
         job = AttackJob(a.dataset, a.model, a.data_root, a.width, a.seed, a.device, _train_overrides(a), a.name, params, a.clean_model)
         m = run_attack(job, a.out, progress=not a.quiet, force=a.force)
-        _print_metrics(m, ATTACK_KEYS + [k for k in m.get("summary_keys", [])])
+        _print_metrics(m, ATTACK_KEYS + [k for k in m if k.startswith("required_perturbation")] + ["asr90_epsilon"])
+        if m.get("asr_curve"):
+            print("\nASR versus ε (the same crafted images on the backdoored and on the clean model)")
+            _print_table([(f"{c['epsilon']:.4f}", f"{255 * c['epsilon']:.0f}/255", f"{c['attack_success_rate']:.4f}", f"{c['attack_success_rate_clean_model']:.4f}") for c in m["asr_curve"]],
+                         ("epsilon", "in pixels", "asr_backdoored", "asr_clean_model"))
         if a.json:
             print(json.dumps({k: m[k] for k in ATTACK_KEYS if k in m}))
         return 0
@@ -163,6 +167,64 @@ def _attack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clean-model", default=None, help="clean model file to start from")
     p.add_argument("--param", "-p", action="append", metavar="KEY=VALUE", help="any attack parameter")
     p.add_argument("--json", action="store_true", help="also print the headline metrics as JSON")
+    p.set_defaults(func=handler)
+
+
+@command
+def _run(sub: argparse._SubParsersAction) -> None:
+    def handler(a: argparse.Namespace) -> int:
+        from .experiments import prepare, run_experiment
+
+        if a.dry_run:
+            grid = prepare(a.file, a.out)
+            _print_table([(c.id, c.kind, "finished" if c.finished else "to run", ",".join(c.deps)) for c in grid], ("cell", "kind", "state", "needs"))
+            print(f"{len(grid)} cells, {sum(not c.finished for c in grid)} to run; the file is valid")
+            return 0
+        res = run_experiment(a.file, a.out, a.executor, a.address, progress=not a.quiet, num_cpus=a.ray_cpus)
+        print(f"ran {len(res.ran)}, already finished {len(res.skipped)}, failed {len(res.failed)}, skipped after a failure {len(res.blocked)}")
+        print(f"table: {res.table}\nreport: {res.report}")
+        for cid in res.failed:
+            print(f"failed: {cid} (see {res.out / 'cells' / cid / 'error.txt'})", file=sys.stderr)
+        return 0 if res.ok else 1
+
+    p = sub.add_parser("run", help="run an experiment file: backdoorlab run experiments/mmlm-small.yaml --out DIR")
+    p.add_argument("file", help="experiment YAML file")
+    p.add_argument("--out", required=True, help="output folder (cells/, results.jsonl, report.md); run again to resume")
+    p.add_argument("--executor", default="local", help="local (one cell at a time here) or ray (cells as Ray tasks)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto or ray://host:10001); default: start a local instance")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a locally started Ray instance (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="check the file and list the cells, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=handler)
+
+
+@command
+def _defend(sub: argparse._SubParsersAction) -> None:
+    def handler(a: argparse.Namespace) -> int:
+        from .defenses import DEFENSES, DefenseJob, run_defense
+
+        job = DefenseJob(a.name, a.run, a.model, a.heldout_fraction, a.heldout_seed, a.seed, a.device, parse_pairs(a.param, "--param"))
+        m = run_defense(job, a.out, progress=not a.quiet, force=a.force)
+        scalars = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        lists = [k for k in DEFENSES.get(a.name).headline if k not in scalars]
+        _print_metrics(m, [k for k in scalars if k != "paper"] + lists)
+        if a.json:
+            print(json.dumps(scalars))
+        return 0
+
+    p = sub.add_parser("defend", help="run a defense on an attack run: backdoorlab defend NAME --run DIR --out DIR2")
+    p.add_argument("name")
+    p.add_argument("--run", required=True, help="attack run directory (from backdoorlab attack)")
+    p.add_argument("--out", required=True, help="defense run directory")
+    p.add_argument("--model", choices=["backdoored", "clean"], default="backdoored", help="inspect the run's backdoored model or its clean model (false-positive check)")
+    p.add_argument("--heldout-fraction", type=float, default=0.2, help="stratified fraction of the test split given to the defender as clean data; the rest scores the defense")
+    p.add_argument("--heldout-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--param", "-p", action="append", metavar="KEY=VALUE", help="any defense parameter")
+    p.add_argument("--force", action="store_true", help="redo a finished run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="also print the scalar metrics as JSON")
     p.set_defaults(func=handler)
 
 

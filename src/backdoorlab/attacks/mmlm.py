@@ -56,8 +56,8 @@ class MMLMParams(AttackParams):
     theta_far_other: float = 0.9
     theta_near: float = 0.9
     near_ratio: float = 1.3  # Z_near candidates: d(target) / d(other class) at most this
-    head_epochs: int = 30
-    head_lr: float = 0.01
+    head_epochs: int = 100
+    head_lr: float = 0.05
     head_batch_size: int = 256
     ablation: bool = True  # Table 6: perturbation with vs without mode mixture
     max_test: int = 0  # craft for at most this many test images (0: all non-target ones)
