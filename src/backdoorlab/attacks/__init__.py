@@ -1,6 +1,10 @@
 """Attacks: a registry of small modules on four kinds of attack."""
 
 from . import badnets  # noqa: F401  (registers)
+from . import blended  # noqa: F401  (registers)
+from . import wanet  # noqa: F401  (registers)
+from . import data_efficient  # noqa: F401  (registers)
+from . import mmlm  # noqa: F401  (registers)
 from .base import ATTACKS, Attack, AttackContext, AttackKind, AttackParams, AttackResult, ModelModificationAttack, PoisoningAttack, TrainingAttack, TransferAttack
 from .triggers import TRIGGERS, AdditiveTrigger, MaskPatternTrigger, Trigger, WarpTrigger
 

@@ -66,7 +66,8 @@ class AdditiveTrigger(Trigger):
 
 @TRIGGERS.register("warp")
 class WarpTrigger(Trigger):
-    """x' = grid_sample(x, identity + field): a smooth warp (WaNet). ``grid`` is (H, W, 2) in [-1, 1]."""
+    """x' = grid_sample(x, identity + field): a smooth warp (WaNet). ``grid`` is (H, W, 2) in [-1, 1],
+    or (N, H, W, 2) for one grid per image of an N-image batch (WaNet's noise mode)."""
 
     kind = "warp"
 
@@ -75,7 +76,9 @@ class WarpTrigger(Trigger):
         self.register_buffer("grid", grid.float())
 
     def apply(self, x: Tensor) -> Tensor:
-        g = self.grid.to(x.device, x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+        g = self.grid.to(x.device, x.dtype)
+        if g.dim() == 3:
+            g = g.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
         return F.grid_sample(x, g, align_corners=True).clamp(0, 1)
 
 
