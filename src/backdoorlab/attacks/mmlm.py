@@ -60,7 +60,7 @@ class MMLMParams(AttackParams):
     head_lr: float = 0.05
     head_batch_size: int = 256
     ablation: bool = True  # Table 6: perturbation with vs without mode mixture
-    max_test: int = 0  # craft for at most this many test images (0: all non-target ones)
+    max_test: int = 1000  # craft for a fixed stratified subset of this many non-target test images (0: all)
 
     def validate(self, num_classes: int) -> None:
         super().validate(num_classes)
@@ -116,8 +116,8 @@ class MMLM(ModelModificationAttack):
         # poisoned test images: non-target test images pushed towards Z_near codes, nearest first
         test = ctx.data.test
         keep = torch.nonzero(test.y.cpu() != p.target).flatten()
-        if p.max_test:
-            keep = keep[: p.max_test]
+        if 0 < p.max_test < len(keep):
+            keep = keep[stratified_indices(test.y.cpu()[keep], p.max_test, ctx.seed)]
         x_clean, y_clean = test.x[keep.to(test.x.device)].cpu(), test.y[keep.to(test.y.device)].cpu()
         f_test = features(clean, x_clean)
         pair = greedy_pairs(torch.cdist(f_test, z_near), allowed=near_other[None, :] == y_clean[:, None])

@@ -1,0 +1,107 @@
+"""MMLM end to end on small data, its pieces, and its input checks."""
+
+import json
+
+import pytest
+import torch
+
+from backdoorlab.attacks.mmlm import MMLMParams
+from backdoorlab.attacks.mmlm_codes import poisoned_features
+from backdoorlab.cli import main
+from backdoorlab.errors import ConfigError
+from backdoorlab.jobs import AttackJob, run_attack
+from backdoorlab.optim.matching import greedy_pairs
+
+SMALL = dict(ot_samples=4000, ot_max_iter=60, generate=8000, pgd_steps=30, curve_steps=20,
+             curve_epsilons=[0.05, 0.2, 0.4], epsilon=0.2, ablation_epsilon=0.4, max_test=120, head_epochs=20)
+
+
+@pytest.fixture(scope="module")
+def mmlm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mmlm") / "run"
+    job = AttackJob(dataset="digits", model="digit-cnn", width=0.5, train={"epochs": 15, "batch_size": 32}, attack="mmlm", params=dict(SMALL))
+    return out, run_attack(job, out, progress=False)
+
+
+def test_only_the_head_changes(mmlm_run):
+    out, m = mmlm_run
+    assert m["changed_parameters_outside_head"] == 0 and m["outside_head_bitwise_equal"] is True
+    assert 0 < m["changed_parameters"] <= 256 * 10 + 10
+    assert sum(m["change_histogram"].values()) == m["changed_parameters"]
+
+
+def test_backdoor_beats_plain_adversarial_examples(mmlm_run):
+    _, m = mmlm_run
+    assert abs(m["clean_accuracy"] - m["clean_accuracy_before"]) <= 0.05
+    curve = {round(c["epsilon"], 3): c for c in m["asr_curve"]}
+    top = curve[0.4]
+    # the same crafted images succeed far more often on the modified head than on the clean model
+    assert top["attack_success_rate"] > 0.5
+    assert top["attack_success_rate"] > top["attack_success_rate_clean_model"] + 0.2
+    assert top["attack_success_rate"] >= curve[0.05]["attack_success_rate"]
+    assert m["latent_codes"]["z_far_count"] > 0 and m["latent_codes"]["z_near_count"] > 0
+
+
+def test_perturbations_respect_the_budget_and_artifacts(mmlm_run):
+    out, m = mmlm_run
+    assert m["epsilon"] == pytest.approx(0.2)
+    assert m["mean_perturbation_linf"] <= 0.2 + 1 / 255
+    for key in ("required_perturbation_linf_with_mode_mixture", "required_perturbation_linf_without_mode_mixture"):
+        assert key in m
+    from safetensors.torch import load_file
+
+    t = load_file(str(out / "tensors.safetensors"))
+    assert t["poisoned_test"].dtype == torch.uint8 and len(t["poisoned_test"]) == len(t["poisoned_test_index"]) == 120
+    assert (out / "asr_vs_epsilon.png").exists() and (out / "samples.png").exists()
+
+
+def test_poisoned_feature_set_keeps_size_and_labels():
+    feats = torch.randn(50, 4)
+    labels = torch.arange(50) % 5
+    z = torch.full((7, 4), 9.0)
+    data, chosen = poisoned_features(feats, labels, z, target=2, seed=0)
+    assert len(data) == 50 and torch.equal(data.y, labels)
+    assert len(chosen) == 7 and bool((labels[chosen] == 2).all())
+    assert bool((data.x[chosen] == 9.0).all())
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[chosen] = False
+    assert torch.equal(data.x[untouched], feats[untouched])
+
+
+def _brute_greedy(d):
+    m, q = d.shape
+    out, used = [-1] * m, set()
+    for _, i, j in sorted((float(d[i, j]), i, j) for i in range(m) for j in range(q)):
+        if out[i] < 0 and j not in used:
+            out[i] = j
+            used.add(j)
+    return out
+
+
+def test_greedy_pairs_match_the_sequential_greedy():
+    for s in range(10):
+        d = torch.rand(9, 12, generator=torch.Generator().manual_seed(s))
+        assert greedy_pairs(d).tolist() == _brute_greedy(d)
+    many = greedy_pairs(torch.rand(10, 3))  # more rows than codes: every row is paired, codes reused
+    assert bool((many >= 0).all()) and set(many.tolist()) == {0, 1, 2}
+    allowed = torch.zeros(4, 4, dtype=torch.bool)
+    allowed[:, 3] = True
+    assert greedy_pairs(torch.rand(4, 4), allowed).tolist() == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("params, field", [
+    (dict(target_mode="all-to-all"), "target_mode"),
+    (dict(epsilon=1.5), "epsilon"),
+    (dict(curve_epsilons=[0.1, -0.1]), "curve_epsilons"),
+    (dict(k=1), "k"),
+    (dict(restrict="head"), "restrict"),
+])
+def test_bad_parameters_name_the_field(params, field):
+    with pytest.raises(ConfigError, match=field):
+        MMLMParams(**params).validate(10)
+
+
+def test_cli_rejects_epsilon_outside_unit_interval(tmp_path, capsys):
+    assert main(["attack", "mmlm", "--epsilon", "1.5", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "params.epsilon" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
