@@ -1,0 +1,224 @@
+"""Defenses on one small BadNets run (made once per module): each must catch what it is known to catch.
+
+The run: MNIST-5k, digit-cnn at width 0.5, 3 epochs without augmentation, 10% of the training set
+poisoned (target 0); its clean model of the same seed serves the false-positive check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from backdoorlab.artifacts import RunDir
+from backdoorlab.cli import main
+from backdoorlab.data.core import to_float
+from backdoorlab.defenses import DEFENSES, DefenseContext, DefenseJob, run_defense
+from backdoorlab.defenses.base import features, limit
+from backdoorlab.defenses.cognitive_distillation import CognitiveDistillationParams, distill_masks
+from backdoorlab.defenses.spectral_signatures import spectral_scores
+from backdoorlab.errors import ConfigError, UnknownNameError
+from backdoorlab.jobs import AttackJob, run_attack
+from backdoorlab.metrics.ranking import auroc
+from backdoorlab.train.evaluate import predict
+
+SMALL = {
+    "neural-cleanse": {"max_images": 48, "max_epochs": 30},
+    "cognitive-distillation": {"steps": 50, "max_inputs": 48},
+    "strip": {"n_overlays": 32, "max_inputs": 150},
+    "fine-pruning": {"finetune_epochs": 2},
+    "activation-clustering": {"tsne_points": 200},
+    "spectral-signatures": {},
+}
+
+
+@pytest.fixture(scope="module")
+def bn(tmp_path_factory):
+    """A finished BadNets run (10% poison) with its clean model; one thread: faster on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("defenses") / "badnets"
+    job = AttackJob("mnist5k", "digit-cnn", width=0.5, seed=0, device="cpu", train={"epochs": 3, "batch_size": 64, "augment": False}, attack="badnets", params={"poison_rate": 0.1})
+    m = run_attack(job, out, progress=False)
+    assert m["attack_success_rate"] > 0.9 and m["clean_accuracy"] > 0.85  # a real backdoor to defend against
+    yield out
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ctx(bn):
+    return DefenseContext.from_run(bn)
+
+
+def defend(bn, name, model="backdoored", **extra):
+    out = bn.parent / f"{name}-{model}"
+    return run_defense(DefenseJob(name, str(bn), model, params={**SMALL[name], **extra}), out, progress=False), out
+
+
+# ----------------------------------------------------------------------------- the defender's view
+
+
+def test_heldout_split_is_stratified_disjoint_and_fixed(bn, ctx):
+    n = len(ctx.data.test)
+    hold, ev = set(ctx.heldout_idx.tolist()), set(ctx.eval_idx.tolist())
+    assert not hold & ev and len(hold) + len(ev) == n and len(hold) == round(0.2 * n)
+    per_class = torch.bincount(ctx.heldout.y, minlength=10).double()
+    assert bool(((per_class - 0.2 * torch.bincount(ctx.data.test.y, minlength=10)).abs() <= 1).all())
+    again = DefenseContext.from_run(bn)
+    assert torch.equal(again.heldout_idx, ctx.heldout_idx)
+    other = DefenseContext.from_run(bn, heldout_seed=1)
+    assert not torch.equal(other.heldout_idx, ctx.heldout_idx)
+
+
+def test_delivered_training_set_is_the_poisoned_one(ctx):
+    data, flag, source = ctx.inspected_set()
+    train = ctx.data.train
+    assert source == "training-set" and int(flag.sum()) == round(0.1 * len(train))
+    assert bool((data.y[flag] == 0).all()) and torch.equal(data.y[~flag], train.y[~flag])
+    assert torch.equal(data.x[~flag], train.x[~flag]) and not torch.equal(data.x[flag], train.x[flag])
+    sup = ctx.trigger.mask.cpu()[0] > 0  # the patch is stamped on every poisoned sample
+    patch = ctx.trigger.pattern.cpu()[0][sup]
+    assert torch.allclose(to_float(data.x[flag])[:, 0][:, sup], patch.expand(int(flag.sum()), -1), atol=1 / 255)
+    px, py = ctx.eval_poisoned()  # poisoned inputs: evaluation part only, non-target sources
+    assert len(px) == int((ctx.evaluation.y != 0).sum()) and bool((py != 0).all())
+
+
+def test_saved_poisoned_test_images_are_used(bn, tmp_path):
+    run = tmp_path / "with-poisoned-test"
+    shutil.copytree(bn, run)
+    rd = RunDir(run)
+    t = rd.load_tensors("tensors.safetensors")
+    base = DefenseContext.from_run(bn)
+    idx = base.eval_idx[::3]
+    x = to_float(base.data.test.x[idx]).clone()
+    x[:, :, :4, :4] = 1.0  # a different "trigger" than the saved one, to see which is used
+    t["poisoned_test"] = (x * 255).round().to(torch.uint8)
+    t["poisoned_test_index"] = idx
+    rd.save_tensors("tensors.safetensors", t, {"trigger_kind": "mask-pattern"})
+    c = DefenseContext.from_run(run)
+    px, py = c.eval_poisoned()
+    keep = base.data.test.y[idx] != 0
+    assert len(px) == int(keep.sum()) and torch.equal(px, t["poisoned_test"][keep])
+    assert bool((px[:, :, :4, :4] == 255).all())
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def test_neural_cleanse_flags_the_target_and_not_the_clean_model(bn):
+    m, out = defend(bn, "neural-cleanse")
+    assert m["flagged_labels"] == [0] and m["anomaly_index"] > 2 and m["smallest_l1_label"] == 0
+    assert (out / m["plot"]).stat().st_size > 0
+    c, _ = defend(bn, "neural-cleanse", model="clean")
+    assert c["flagged_labels"] == [] and c["target_anomaly_index"] < 2
+    assert m["l1"][0] < 0.5 * c["l1"][0]  # the backdoor's trigger is far smaller than a natural one
+
+
+def test_strip_separates_poisoned_inputs(bn):
+    m, out = defend(bn, "strip")
+    assert m["auroc"] >= 0.9 and m["far"] <= 0.1 and m["frr"] <= 0.05
+    assert m["mean_entropy_poisoned"] < m["mean_entropy_clean"]
+    assert (out / "strip_entropy.png").exists()
+
+
+def test_activation_clustering_splits_clean_from_poison(bn):
+    m, out = defend(bn, "activation-clustering")
+    assert m["ari"] >= 0.5 and m["inspected"] == "training-set"
+    tgt = m["per_class"][0]
+    assert tgt["poisoned"] == 400 and abs(tgt["relative_size"] - 0.5) < 0.1  # half the class is poison
+    assert (out / "activation_clustering_tsne.png").exists()
+
+
+def test_spectral_signatures(bn, ctx):
+    m, out = defend(bn, "spectral-signatures")
+    data, flag, _ = ctx.inspected_set()
+    counts = torch.bincount(data.y, minlength=10).tolist()
+    assert m["removed_per_class"] == [math.ceil(1.5 * 0.1 * n) for n in counts]  # 1.5 x the assumed poison count
+    assert (out / "spectral_signatures_hist.png").exists()
+    # Tran et al.'s regime: poisons about 10% of their class. Here 10% of the training set is half
+    # of class 0, where |<v, r>| cannot tell the two equal halves apart; keep 10% of the class.
+    z = features(ctx.model, data.x)
+    clean0 = torch.nonzero((data.y == 0) & ~flag).flatten()
+    pois = torch.nonzero(flag).flatten()
+    sel = torch.cat([clean0, pois[limit(len(pois), len(clean0) // 10, 0)]])
+    s, f = spectral_scores(z[sel], data.y[sel], 10), flag[sel]
+    assert auroc(s[~f], s[f]) >= 0.9
+
+
+def test_cognitive_distillation_finds_small_output_preserving_masks(bn, ctx):
+    m, out = defend(bn, "cognitive-distillation")
+    assert 0.0 <= m["auroc"] <= 1.0 and m["scored_clean"] == 48 and (out / "cognitive_distillation_l1.png").exists()
+    px, _ = ctx.eval_poisoned()
+    x = torch.cat([ctx.evaluation.x[:16], px[:16]])
+    masks = distill_masks(ctx.model, x, CognitiveDistillationParams(steps=50), torch.Generator().manual_seed(0), ctx.device)
+    assert masks.shape == (32, 1, 28, 28) and float(masks.mean()) < 0.5  # most of the image is dropped ...
+    u = torch.rand(32, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+    kept = predict(ctx.model, to_float(x) * masks + (1 - masks) * u) == predict(ctx.model, x)
+    assert float(kept.float().mean()) >= 0.75  # ... and the prediction survives a random fill
+
+
+def test_fine_pruning_curve_and_choice(bn):
+    m, out = defend(bn, "fine-pruning")
+    c = m["curve"]
+    assert c["fraction"][0] == 0 and c["fraction"][-1] == 1 and len(c["fraction"]) == m["channels"] + 1
+    assert abs(c["clean_accuracy"][0] - m["clean_accuracy_before"]) < 1e-6
+    assert abs(c["attack_success_rate"][0] - m["attack_success_rate_before"]) < 1e-6
+    ok = [f for f, a in zip(c["fraction"], c["heldout_accuracy"]) if a >= c["heldout_accuracy"][0] - 0.05]
+    assert m["pruned_fraction"] == max(ok)  # chosen from held-out accuracy only, never the ASR
+    i = c["fraction"].index(m["pruned_fraction"])
+    assert abs(c["clean_accuracy"][i] - m["clean_accuracy_pruned"]) < 1e-6  # the hook prunes what the curve measured
+    assert c["heldout_accuracy"][-1] <= 0.2  # pruning every channel leaves no classifier
+    assert m["clean_accuracy"] >= m["clean_accuracy_pruned"] - 0.05  # fine-tuning on clean data keeps accuracy
+    assert (out / "fine_pruning_curve.png").exists()
+
+
+# ----------------------------------------------------------------------------- CLI and bad input
+
+
+def test_cli_defend_writes_metrics_config_and_plot(bn, tmp_path, capsys):
+    out = tmp_path / "strip-cli"
+    argv = ["defend", "strip", "--run", str(bn), "--out", str(out), "-p", "n_overlays=8", "-p", "max_inputs=20", "--quiet", "--json"]
+    assert main(argv) == 0
+    cfg, met = json.loads((out / "config.json").read_text()), json.loads((out / "metrics.json").read_text())
+    assert cfg["defense"] == "strip" and cfg["params"]["n_overlays"] == 8 and cfg["heldout_fraction"] == 0.2
+    assert met["scored_clean"] == 20 and met["defense"] == "strip" and (out / "strip_entropy.png").exists()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["auroc"] == met["auroc"]
+    assert main(argv) == 0 and json.loads((out / "metrics.json").read_text()) == met  # finished runs are kept
+    assert set(DEFENSES.names()) >= {"activation-clustering", "cognitive-distillation", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"}
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"params": {"n_overlays": 0}}, "params.n_overlays"),
+    ({"params": {"no_such": 1}}, "params.no_such"),
+    ({"params": {"frr_target": 1.5}}, "params.frr_target"),
+    ({"heldout_fraction": 1.0}, "heldout_fraction"),
+    ({"model": "teacher"}, "model"),
+])
+def test_bad_config_names_the_field(bn, kwargs, field):
+    with pytest.raises(ConfigError) as e:
+        DefenseJob("strip", str(bn), **kwargs).build()
+    assert e.value.field == field
+
+
+def test_unknown_defense_and_missing_run(bn, tmp_path, capsys):
+    with pytest.raises(UnknownNameError, match="strip"):
+        DefenseJob("no-such-defense", str(bn)).build()
+    with pytest.raises(ConfigError) as e:
+        DefenseJob("strip", str(tmp_path / "nowhere")).build()
+    assert e.value.field == "run"
+    half = tmp_path / "unfinished"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a finished attack run"):
+        DefenseJob("strip", str(half)).build()
+    no_clean = tmp_path / "no-clean"
+    shutil.copytree(bn, no_clean)
+    (no_clean / "clean_model.safetensors").unlink()
+    with pytest.raises(ConfigError) as e:
+        DefenseJob("neural-cleanse", str(no_clean), model="clean").build()
+    assert e.value.field == "model"
+    assert main(["defend", "no-such-defense", "--run", str(bn), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown defense" in capsys.readouterr().err
