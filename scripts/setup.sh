@@ -8,8 +8,8 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-EXTRAS=${BACKDOORLAB_EXTRAS:-test}
-if ! .venv/bin/python -c "import backdoorlab, torch, pytest" >/dev/null 2>&1 || [ "${BACKDOORLAB_REINSTALL:-0}" = 1 ]; then
+EXTRAS=${BACKDOORLAB_EXTRAS:-test,ray}
+if ! .venv/bin/python -c "import backdoorlab, torch, pytest, ray" >/dev/null 2>&1 || [ "${BACKDOORLAB_REINSTALL:-0}" = 1 ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/pip install -q -c constraints.txt -e ".[${EXTRAS}]"
 fi
