@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import yaml
@@ -181,6 +182,8 @@ def _run(sub: argparse._SubParsersAction) -> None:
             print(f"{len(grid)} cells, {sum(not c.finished for c in grid)} to run; the file is valid")
             return 0
         res = run_experiment(a.file, a.out, a.executor, a.address, progress=not a.quiet, num_cpus=a.ray_cpus)
+        if res.report is not None and Path(res.report).exists():  # the tables, without the figure section
+            print("\n" + Path(res.report).read_text().split("\n## Figures", 1)[0].rstrip() + "\n")
         print(f"ran {len(res.ran)}, already finished {len(res.skipped)}, failed {len(res.failed)}, skipped after a failure {len(res.blocked)}")
         print(f"table: {res.table}\nreport: {res.report}")
         for cid in res.failed:

@@ -18,7 +18,7 @@ clean and as many poisoned evaluation inputs are scored (default 1000 each, our 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
 
 import torch
 from torch import Tensor
@@ -26,9 +26,9 @@ from torch import Tensor
 from ..data.core import to_float
 from ..errors import ConfigError
 from ..models import Classifier
-from ..plots import histograms
 from ..validate import check_positive, check_rate
-from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams, check_int, detection_metrics, frozen, limit
+from .base import DEFENSES, DefenseContext, DefenseParams, check_int, frozen
+from .input_detection import ScoreDetector
 
 
 @dataclass
@@ -89,36 +89,16 @@ def distill_masks(model: Classifier, x: Tensor, p: CognitiveDistillationParams, 
 
 
 @DEFENSES.register("cognitive-distillation")
-class CognitiveDistillation(Defense):
+class CognitiveDistillation(ScoreDetector):
     name = "cognitive-distillation"
     paper = "Huang et al., Distilling Cognitive Backdoor Patterns within an Image (ICLR 2023)"
-    kind = DefenseKind.INPUT
+    score_name = "l1"
+    plot_file = "cognitive_distillation_l1.png"
+    xlabel = "||m||_1 of the cognitive pattern mask"
+    title = "Cognitive distillation"
     Params = CognitiveDistillationParams
     headline = ("auroc", "frr", "far", "mean_l1_clean", "mean_l1_poisoned")
     p: CognitiveDistillationParams
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
-        hold, ev = ctx.heldout, ctx.evaluation
-        px, _ = ctx.eval_poisoned()
-        k = self.p.max_inputs or None
-        clean_x, pois_x = ev.x[limit(len(ev), k, ctx.seed)], px[limit(len(px), k, ctx.seed + 1)]
-        g = torch.Generator().manual_seed(ctx.seed)
-        masks = {name: distill_masks(ctx.model, x, self.p, g, ctx.device) for name, x in (("heldout", hold.x), ("clean", clean_x), ("poisoned", pois_x))}
-        l1 = {name: m.flatten(1).sum(1) for name, m in masks.items()}
-        det = detection_metrics(-l1["clean"], -l1["poisoned"], -l1["heldout"], self.p.frr_target)
-        metrics: dict[str, Any] = {
-            "auroc": det["auroc"],
-            "frr": det["frr"],
-            "far": det["far"],
-            "l1_threshold": -det["threshold"],
-            "mean_l1_clean": float(l1["clean"].mean()),
-            "mean_l1_poisoned": float(l1["poisoned"].mean()) if len(pois_x) else float("nan"),
-            "scored_clean": len(clean_x),
-            "scored_poisoned": len(pois_x),
-        }
-        path = ctx.plot_path("cognitive_distillation_l1.png")
-        if path is not None:
-            histograms({"clean": l1["clean"], "poisoned": l1["poisoned"]}, path, "||m||_1 of the cognitive pattern mask",
-                       title=f"Cognitive distillation: AUROC {det['auroc']:.3f}, FRR {det['frr']:.3f}, FAR {det['far']:.3f}")
-            metrics["plot"] = path.name
-        return metrics
+    def scores(self, ctx: DefenseContext, x: Tensor, g: torch.Generator) -> Tensor:
+        return distill_masks(ctx.model, x, self.p, g, ctx.device).flatten(1).sum(1)

@@ -19,16 +19,16 @@ clean and as many poisoned evaluation inputs are scored (default 1000 each, our 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..data.core import to_float
 from ..models import Classifier
-from ..plots import histograms
 from ..validate import check_rate
-from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams, check_int, detection_metrics, limit
+from .base import DEFENSES, DefenseContext, DefenseParams, check_int
+from .input_detection import ScoreDetector
 
 
 @dataclass
@@ -63,36 +63,19 @@ def strip_entropy(model: Classifier, x: Tensor, overlays: Tensor, n: int, mode: 
 
 
 @DEFENSES.register("strip")
-class Strip(Defense):
+class Strip(ScoreDetector):
     name = "strip"
     paper = "Gao et al., STRIP: A Defence Against Trojan Attacks on Deep Neural Networks (ACSAC 2019)"
-    kind = DefenseKind.INPUT
     Params = StripParams
+    score_name = "entropy"
+    plot_file = "strip_entropy.png"
+    xlabel = "mean entropy under superimposition (bits)"
     headline = ("auroc", "frr", "far")
     p: StripParams
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
-        hold, ev = ctx.heldout, ctx.evaluation
-        px, _ = ctx.eval_poisoned()
-        k = self.p.max_inputs or None
-        clean_x, pois_x = ev.x[limit(len(ev), k, ctx.seed)], px[limit(len(px), k, ctx.seed + 1)]
-        g = torch.Generator().manual_seed(ctx.seed)
-        ent = {name: strip_entropy(ctx.model, x, hold.x, self.p.n_overlays, self.p.superimpose, self.p.chunk, g, ctx.device)
-               for name, x in (("heldout", hold.x), ("clean", clean_x), ("poisoned", pois_x))}
-        det = detection_metrics(-ent["clean"], -ent["poisoned"], -ent["heldout"], self.p.frr_target)
-        metrics: dict[str, Any] = {
-            "auroc": det["auroc"],
-            "frr": det["frr"],
-            "far": det["far"],
-            "entropy_threshold": -det["threshold"],
-            "mean_entropy_clean": float(ent["clean"].mean()),
-            "mean_entropy_poisoned": float(ent["poisoned"].mean()) if len(pois_x) else float("nan"),
-            "scored_clean": len(clean_x),
-            "scored_poisoned": len(pois_x),
-        }
-        path = ctx.plot_path("strip_entropy.png")
-        if path is not None:
-            histograms({"clean": ent["clean"], "poisoned": ent["poisoned"]}, path, "mean entropy under superimposition (bits)",
-                       title=f"STRIP ({self.p.superimpose}): AUROC {det['auroc']:.3f}, FRR {det['frr']:.3f}, FAR {det['far']:.3f}")
-            metrics["plot"] = path.name
-        return metrics
+    def scores(self, ctx: DefenseContext, x: Tensor, g: torch.Generator) -> Tensor:
+        return strip_entropy(ctx.model, x, ctx.heldout.x, self.p.n_overlays, self.p.superimpose, self.p.chunk, g, ctx.device)
+
+    @property
+    def title(self) -> str:  # type: ignore[override]
+        return f"STRIP ({self.p.superimpose})"
