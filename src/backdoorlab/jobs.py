@@ -150,7 +150,8 @@ def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bo
     if tensors:
         run.save_tensors("tensors.safetensors", tensors, {"trigger_kind": res.trigger.kind if res.trigger is not None else None})
     show = asr_mask(res.test_labels.cpu(), p.target_mode, p.target)
-    sel = torch.nonzero(show).flatten()[:8]
+    sel = torch.nonzero(show).flatten()
+    sel = sel[torch.linspace(0, len(sel) - 1, min(8, len(sel))).long()] if len(sel) else sel  # spread over the classes
     clean_poison_grid(clean_x[sel.to(clean_x.device)], res.poisoned_test[sel.to(res.poisoned_test.device)], run.file("samples.png"), title=f"{job.attack} on {job.dataset}")
     run.write_metrics(metrics)  # last: marks the run finished
     for ck in run.path.glob("*.ckpt"):
