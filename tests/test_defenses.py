@@ -17,7 +17,8 @@ from backdoorlab.artifacts import RunDir
 from backdoorlab.cli import main
 from backdoorlab.data.core import to_float
 from backdoorlab.defenses import DEFENSES, DefenseContext, DefenseJob, run_defense
-from backdoorlab.defenses.base import features, limit
+from backdoorlab.defenses.base import limit
+from backdoorlab.train.evaluate import features
 from backdoorlab.defenses.cognitive_distillation import CognitiveDistillationParams, distill_masks
 from backdoorlab.defenses.spectral_signatures import spectral_scores
 from backdoorlab.errors import ConfigError, UnknownNameError

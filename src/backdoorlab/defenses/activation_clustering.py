@@ -36,7 +36,8 @@ from threadpoolctl import threadpool_limits
 from ..errors import ConfigError
 from ..plots import scatter
 from ..validate import check_fraction
-from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams, check_int, features, limit
+from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams, check_int, limit
+from ..train.evaluate import features
 
 
 @dataclass

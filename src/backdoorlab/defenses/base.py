@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 from safetensors import safe_open
@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..metrics.ranking import auroc
 from ..models import Classifier, build_model
 from ..registry import Registry
-from ..train.evaluate import accuracy, asr_mask, attack_success_rate, model_device, target_labels
+from ..train.evaluate import accuracy, asr_mask, attack_success_rate, target_labels
 from ..validate import build_params, check_choice
 
 DEFENSES: Registry[type["Defense"]] = Registry("defense")
@@ -82,18 +82,6 @@ def check_open_rate(field: str, value: float) -> None:
 
 
 @torch.no_grad()
-def batched(fn: Callable[[Tensor], Tensor], x: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
-    """``fn`` on float batches of ``x`` (uint8 or float images) on ``device``; results on the CPU."""
-    out = [fn(to_float(x[s : s + batch_size]).to(device)).float().cpu() for s in range(0, len(x), batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def features(model: Classifier, x: Tensor, batch_size: int = 512) -> Tensor:
-    """Penultimate activations (the head's input) of ``x`` in eval mode, on the CPU."""
-    model.eval()
-    return batched(model.features, x, model_device(model), batch_size)
-
-
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and no parameter gradients while a defense optimises inputs, masks or triggers."""

@@ -31,7 +31,8 @@ from ..plots import line_plot
 from ..train.evaluate import attack_success_rate, predict
 from ..train.trainer import TrainConfig, train
 from ..validate import check_fraction, check_positive
-from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams, batched, check_int
+from ..train.evaluate import batched
+from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams, check_int
 
 
 @dataclass
@@ -87,7 +88,7 @@ class FinePruning(Defense):
         to_stage = lambda x: model.forward_to(x, stage)  # noqa: E731
         hold, ev = ctx.heldout, ctx.evaluation
         px, py = ctx.eval_poisoned()
-        h_hold, h_ev, h_px = (batched(to_stage, x, ctx.device) for x in (hold.x, ev.x, px))
+        h_hold, h_ev, h_px = (batched(to_stage, model, x) for x in (hold.x, ev.x, px))
         act = h_hold.transpose(0, 1).flatten(1).mean(1)  # mean activation per channel on clean data
         order = act.argsort()
         n_ch = len(order)

@@ -26,7 +26,8 @@ from threadpoolctl import threadpool_limits
 from ..metrics.ranking import auroc
 from ..plots import histograms
 from ..validate import check_positive, check_rate
-from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams, features
+from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams
+from ..train.evaluate import features
 
 
 @dataclass
