@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -225,5 +225,3 @@ class ModelModificationAttack(Attack):
 class TransferAttack(Attack):
     kind = AttackKind.TRANSFER
 
-
-AttackFactory = Callable[[AttackParams], Attack]

@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -213,6 +213,3 @@ def train(
     model.eval()
     return hist
 
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
