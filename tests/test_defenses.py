@@ -55,7 +55,7 @@ def ctx(bn):
 
 
 def defend(bn, name, model="backdoored", **extra):
-    out = bn.parent / f"{name}-{model}"
+    out = bn.parent / "-".join([name, model, *(f"{k}={v}" for k, v in extra.items())])
     return run_defense(DefenseJob(name, str(bn), model, params={**SMALL[name], **extra}), out, progress=False), out
 
 
@@ -139,14 +139,23 @@ def test_spectral_signatures(bn, ctx):
     counts = torch.bincount(data.y, minlength=10).tolist()
     assert m["removed_per_class"] == [math.ceil(1.5 * 0.1 * n) for n in counts]  # 1.5 x the assumed poison count
     assert (out / "spectral_signatures_hist.png").exists()
-    # Tran et al.'s regime: poisons about 10% of their class. Here 10% of the training set is half
-    # of class 0, where |<v, r>| cannot tell the two equal halves apart; keep 10% of the class.
+    # 10% of the training set is half of class 0: centred on the defender's clean held-out mean,
+    # the poisons stand out (the issue's target), while the paper's class-mean centring cannot
+    # tell the two equal halves apart
+    assert m["centre"] == "heldout" and m["auroc"] == m["auroc_heldout_centred"] >= 0.9
+    assert m["auroc_class_centred"] < 0.8 and m["target_class_precision"] > 0.9  # what it removes there is poison
+    mc, _ = defend(bn, "spectral-signatures", centre="class")
+    assert mc["auroc"] == pytest.approx(m["auroc_class_centred"])
+    # Tran et al.'s regime for the paper's centring: poisons about 10% of their class
     z = features(ctx.model, data.x)
     clean0 = torch.nonzero((data.y == 0) & ~flag).flatten()
     pois = torch.nonzero(flag).flatten()
     sel = torch.cat([clean0, pois[limit(len(pois), len(clean0) // 10, 0)]])
     s, f = spectral_scores(z[sel], data.y[sel], 10), flag[sel]
     assert auroc(s[~f], s[f]) >= 0.9
+    # a class with fewer than two reference samples falls back to its own mean
+    one = spectral_scores(z[sel], data.y[sel], 10, z[clean0[:1]], data.y[clean0[:1]])
+    assert torch.allclose(one, s)
 
 
 def test_cognitive_distillation_finds_small_output_preserving_masks(bn, ctx):
