@@ -211,6 +211,21 @@ def test_local_run_writes_one_row_per_cell_and_metric_and_a_report(reference):
     assert json.loads((out / "progress.json").read_text())["done"] == 8
 
 
+def test_publishing_a_report_copies_every_figure_it_shows(reference, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from publish_report import publish
+
+    _, out, _ = reference
+    target = tmp_path / "docs" / "grid.md"
+    n = publish(out, target, "Run on a test machine.")
+    text = target.read_text()
+    links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert n == len(links) > 0 and all(rel.startswith("grid/") and (target.parent / rel).is_file() for rel in links)
+    assert text.splitlines()[2] == "Run on a test machine." and "cells/" not in "".join(links)
+    with pytest.raises(SystemExit, match="report.md"):
+        publish(tmp_path / "nowhere", target)
+
+
 def test_run_again_redoes_nothing(reference):
     f, out, _ = reference
     before, table = stamps(out, SEED0 + SEED1), (out / TABLE_FILE).read_bytes()
