@@ -304,3 +304,18 @@ def test_ray_continues_a_local_run_and_matches_it_exactly(tmp_path, reference):
     res = run_experiment(f, out, executor="ray", num_cpus=2, progress=False)
     assert res.ok and sorted(res.skipped) == sorted(SEED0) and sorted(res.ran) == sorted(SEED1)
     assert values(out) == values(ref_out)  # exact equality: same thread count, deterministic CPU kernels
+
+
+def test_mmlm_curve_table_averages_each_budget_over_seeds(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from mmlm_curve import curves, markdown
+
+    for seed, (asr, clean) in enumerate([(0.5, 0.1), (0.7, 0.3)]):
+        d = tmp_path / "cells" / "attack" / "mnist5k" / "digit-cnn" / "mmlm" / f"s{seed}"
+        d.mkdir(parents=True)
+        curve = [{"epsilon": 64 / 255, "steps": 50, "attack_success_rate": asr, "attack_success_rate_clean_model": clean}]
+        (d / "metrics.json").write_text(json.dumps({"asr_curve": curve}))
+    data = curves(tmp_path, "mmlm")
+    assert data[("mnist5k", "digit-cnn", round(64 / 255, 6))]["backdoored"] == [0.5, 0.7]
+    row = markdown(data).splitlines()[-1]
+    assert row == f"| mnist5k | digit-cnn | 64 | 50 | 60.00 ± {100 * statistics.stdev([0.5, 0.7]):.2f} | 20.00 ± {100 * statistics.stdev([0.1, 0.3]):.2f} | 2 |"
