@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from backdoorlab.experiments.table import format_mean_std  # noqa: E402
+from backdoorlab.experiments.table import format_mean_std
 
 
 def curves(run: Path, label: str) -> dict[tuple[str, str, float], dict[str, list[float]]]:

@@ -96,16 +96,17 @@ class SpectralSignatures(Defense):
         hit = int((removed & flag).sum())
         poisoned_classes = torch.unique(y[flag])
         in_pc = torch.isin(y, poisoned_classes)
-        s_pc, f_pc = scores[in_pc], flag[in_pc]
+        f_pc = flag[in_pc]
+        aurocs = {k: auroc(v[in_pc][~f_pc], v[in_pc][f_pc]) if f_pc.any() and (~f_pc).any() else float("nan") for k, v in by_centre.items()}
         metrics: dict[str, Any] = {
             "inspected": source,
             "removed": int(removed.sum()),
             "recall": hit / max(1, int(flag.sum())),
             "precision": hit / max(1, int(removed.sum())),
-            "auroc": auroc(s_pc[~f_pc], s_pc[f_pc]) if f_pc.any() and (~f_pc).any() else float("nan"),
+            "auroc": aurocs[self.p.centre],
             "auroc_all_classes": auroc(scores[~flag], scores[flag]) if flag.any() else float("nan"),
             "centre": self.p.centre,
-            **{f"auroc_{k}_centred": auroc(v[in_pc][~f_pc], v[in_pc][f_pc]) if f_pc.any() and (~f_pc).any() else float("nan") for k, v in by_centre.items()},
+            **{f"auroc_{k}_centred": v for k, v in aurocs.items()},
             "target_class_precision": int((removed & flag & (y == ctx.target)).sum()) / max(1, int((removed & (y == ctx.target)).sum())),
             "removed_per_class": [int((removed & (y == c)).sum()) for c in range(ctx.num_classes)],
         }
