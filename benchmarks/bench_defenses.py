@@ -54,6 +54,17 @@ def fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
+def run_labels(runs: list[Path]) -> list[str]:
+    """A distinct name per run: its folder name, or as many trailing path parts as make the names
+    distinct (grid cells all end in ``s0``, ``s1``...)."""
+    parts = [r.resolve().parts for r in runs]
+    for k in range(1, max((len(p) for p in parts), default=1) + 1):
+        labels = ["-".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i}-{r.name}" for i, r in enumerate(runs)]  # the same folder given twice
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -80,21 +91,21 @@ def main() -> None:
         cls(build_params(cls.Params, params[n], prefix=f"{n}:")).validate()
     runs = badnets_runs(out, a.datasets, a.poison_rates, a.progress) + [Path(r) for r in a.runs]
     records = []
-    for run in runs:
+    for run, label in zip(runs, run_labels(runs)):
         acfg = json.loads((run / "config.json").read_text())
         for name in names:
             for model in ("backdoored", "clean") if name in CLEAN_CHECK and (run / "clean_model.safetensors").exists() else ("backdoored",):
                 t0 = time.perf_counter()
-                m = run_defense(DefenseJob(name, str(run), model, params=params[name]), out / "defended" / run.name / f"{name}-{model}", progress=a.progress, force=a.force)
+                m = run_defense(DefenseJob(name, str(run), model, params=params[name]), out / "defended" / label / f"{name}-{model}", progress=a.progress, force=a.force)
                 wall = time.perf_counter() - t0
                 rec = {
-                    "run": run.name, "attack": acfg["attack"], "dataset": acfg["dataset"], "poison_rate": acfg["params"].get("poison_rate"),
+                    "run": label, "attack": acfg["attack"], "dataset": acfg["dataset"], "poison_rate": acfg["params"].get("poison_rate"),
                     "defense": name, "kind": m["kind"], "model": model, "seconds": m["seconds"], "params": params[name],
                     "clean_accuracy_before": m["clean_accuracy_before"], "attack_success_rate_before": m["attack_success_rate_before"],
                     "headline": {k: m.get(k) for k in DEFENSES.get(name).headline},
                 }
                 records.append(rec)
-                print(f"[{run.name}] {name} ({model}): " + ", ".join(f"{k} {fmt(v)}" for k, v in rec["headline"].items()) + f"  ({wall:.0f}s)", flush=True)
+                print(f"[{label}] {name} ({model}): " + ", ".join(f"{k} {fmt(v)}" for k, v in rec["headline"].items()) + f"  ({wall:.0f}s)", flush=True)
     env = {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
     lines = [
         f"# Defenses ({env['threads']} thread(s), torch {env['torch']}, {env['cpu']})", "",

@@ -170,6 +170,36 @@ def test_cognitive_distillation_finds_small_output_preserving_masks(bn, ctx):
     assert float(kept.float().mean()) >= 0.75  # ... and the prediction survives a random fill
 
 
+class TriggerDominated(torch.nn.Module):
+    """The backdoor Cognitive Distillation's paper describes: once the trigger is present, the output
+    depends on the trigger alone (a fixed target-heavy logit vector); otherwise it is ``net``'s."""
+
+    def __init__(self, net: torch.nn.Module, mask: torch.Tensor, pattern: torch.Tensor, target: int) -> None:
+        super().__init__()
+        self.net, self.target = net, target
+        self.register_buffer("m", mask.float())
+        self.register_buffer("p", pattern.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        err = ((x - self.p) * self.m).abs().flatten(1).sum(1) / self.m.sum()
+        g = torch.sigmoid((0.25 - err) * 40)[:, None]
+        fixed = torch.full((len(x), 10), -10.0, device=x.device)
+        fixed[:, self.target] = 10.0
+        return (1 - g) * self.net(x) + g * fixed
+
+
+def test_cognitive_distillation_separates_a_backdoor_that_dominates_the_output(ctx):
+    """Where the paper's premise holds (the trigger alone fixes the output), poisoned inputs get far
+    smaller masks than clean ones; on the plain Digit-CNN BadNets model it does not hold (results §6)."""
+    model = TriggerDominated(ctx.model, ctx.trigger.mask, ctx.trigger.pattern, ctx.target).eval()
+    px, _ = ctx.eval_poisoned()
+    x = torch.cat([ctx.evaluation.x[:24], px[:24]])
+    masks = distill_masks(model, x, CognitiveDistillationParams(steps=60), torch.Generator().manual_seed(0), ctx.device)
+    l1 = masks.flatten(1).sum(1)
+    assert auroc(-l1[:24], -l1[24:]) >= 0.9  # small mask = poisoned
+    assert float(l1[24:].median()) < 0.5 * float(l1[:24].median())
+
+
 def test_fine_pruning_curve_and_choice(bn):
     m, out = defend(bn, "fine-pruning")
     c = m["curve"]
@@ -232,3 +262,17 @@ def test_unknown_defense_and_missing_run(bn, tmp_path, capsys):
     assert e.value.field == "model"
     assert main(["defend", "no-such-defense", "--run", str(bn), "--out", str(tmp_path / "x")]) == 2
     assert "unknown defense" in capsys.readouterr().err
+
+
+def test_defense_benchmark_gives_grid_cells_with_one_folder_name_distinct_outputs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_defenses.py"
+    spec = importlib.util.spec_from_file_location("bench_defenses", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cells = [Path(f"/r/cells/attack/{d}/digit-cnn/mmlm/s0") for d in ("mnist5k", "fashion-mnist")]
+    assert mod.run_labels(cells) == ["mnist5k-digit-cnn-mmlm-s0", "fashion-mnist-digit-cnn-mmlm-s0"]
+    assert mod.run_labels([Path("/t/bn40"), Path("/t/bn-r18")]) == ["bn40", "bn-r18"]  # distinct: the folder name
+    assert len(set(mod.run_labels([Path("/t/a"), Path("/t/a")]))) == 2

@@ -324,3 +324,18 @@ def test_mmlm_curve_table_averages_each_budget_over_seeds(tmp_path):
     assert data[("mnist5k", "digit-cnn", round(64 / 255, 6))]["backdoored"] == [0.5, 0.7]
     row = markdown(data).splitlines()[-1]
     assert row == f"| mnist5k | digit-cnn | 64 | 50 | 60.00 ± {100 * statistics.stdev([0.5, 0.7]):.2f} | 20.00 ± {100 * statistics.stdev([0.1, 0.3]):.2f} | 2 |"
+
+
+def test_redoing_a_deleted_cell_reruns_what_needs_it_or_names_what_to_delete(tmp_path, reference):
+    f, ref_out, _ = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    attack, defense = SEED0[1], SEED0[3]
+    shutil.rmtree(out / "cells" / attack)
+    with pytest.raises(ConfigError, match="delete .*activation-clustering"):  # a finished dependent is stale
+        run_experiment(f, out, progress=False)
+    assert (out / "cells" / defense / "metrics.json").exists()  # nothing is deleted for the user
+    (out / "cells" / defense / "metrics.json").unlink()  # unfinished dependent: resumes once its input is redone
+    res = run_experiment(f, out, progress=False)
+    assert res.ok and sorted(res.ran) == sorted([attack, defense])
+    assert values(out) == values(ref_out)

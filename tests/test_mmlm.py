@@ -1,14 +1,15 @@
 """MMLM end to end on small data, its pieces, and its input checks."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from backdoorlab.attacks.mmlm import MMLMParams
-from backdoorlab.attacks.mmlm_codes import poisoned_features
+from backdoorlab.attacks.mmlm_codes import LatentCodes, near_codes, poisoned_features
 from backdoorlab.cli import main
-from backdoorlab.errors import ConfigError
+from backdoorlab.errors import BackdoorLabError, ConfigError
 from backdoorlab.jobs import AttackJob, run_attack
 from backdoorlab.optim.matching import greedy_pairs
 
@@ -71,6 +72,31 @@ def test_poisoned_feature_set_keeps_size_and_labels():
     assert torch.equal(data.x[untouched], feats[untouched])
 
 
+def _head(bias_target: float) -> SimpleNamespace:
+    """A 3-class head on 2-d codes (t, 0): logits (t + bias_target, 0, -10); target region t > -bias_target."""
+    lin = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+        lin.bias.copy_(torch.tensor([bias_target, 0.0, -10.0]))
+    return SimpleNamespace(head=lin)
+
+
+def test_z_near_keeps_the_widened_part_of_the_region_deepest_first():
+    t = torch.tensor([-2.0, -0.5, 0.0, 0.5, 1.5, 2.5])
+    codes = LatentCodes(torch.zeros(1, 2), torch.stack([t, torch.zeros(6)], 1), torch.arange(6), {})
+    backdoored, clean = _head(1.0), _head(-1.0)  # the fine-tuning widened the target region from t > 1 to t > -1
+    z, other = near_codes(backdoored, clean, codes, target=0, region="expansion", top=1.0)
+    assert sorted(z[:, 0].tolist()) == [-0.5, 0.0, 0.5]  # not t = -2 (outside), not 1.5, 2.5 (clean target already)
+    assert codes.stats["z_near_in_region"] == 5 and codes.stats["z_near_in_expansion"] == 3
+    z, other = near_codes(backdoored, clean, codes, target=0, region="expansion", top=0.5)
+    assert z[:, 0].tolist() == [0.5, 0.0] and other.tolist() == [3, 2]  # ceil(1.5) = 2, largest margin first
+    assert codes.stats["z_near_margin_min"] == pytest.approx(1.0)
+    z, _ = near_codes(backdoored, clean, codes, target=0, region="target", top=0.2)
+    assert z[:, 0].tolist() == [2.5]
+    with pytest.raises(BackdoorLabError, match="no Z_near candidate"):
+        near_codes(_head(-3.0), clean, codes, target=0, region="expansion")
+
+
 def _brute_greedy(d):
     m, q = d.shape
     out, used = [-1] * m, set()
@@ -98,6 +124,8 @@ def test_greedy_pairs_match_the_sequential_greedy():
     (dict(curve_epsilons=[0.1, -0.1]), "curve_epsilons"),
     (dict(k=1), "k"),
     (dict(restrict="head"), "restrict"),
+    (dict(near_top=0.0), "near_top"),
+    (dict(near_region="all"), "near_region"),
 ])
 def test_bad_parameters_name_the_field(params, field):
     with pytest.raises(ConfigError, match=field):

@@ -6,6 +6,7 @@ Modification, Sections 4.2 "Mode Mixture Latent Modification").
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,14 +73,33 @@ def select_codes(ot: SemiDiscreteOT, feats: Tensor, labels: Tensor, p, n_far: in
 
 
 @torch.no_grad()
-def near_codes(model: Classifier, codes: LatentCodes, target: int) -> tuple[Tensor, Tensor]:
-    """Z_near: the candidates that the fine-tuned head places in the (widened) target region."""
-    head = model.head
-    inside = head(codes.near_pool.to(head.weight.device)).argmax(1).cpu() == target
+def near_codes(model: Classifier, clean: Classifier, codes: LatentCodes, target: int, region: str = "expansion", top: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Z_near: the candidates that the fine-tuned head places in the (widened) target region.
+
+    ``region="expansion"`` keeps only the part of the region that fine-tuning added (the clean head
+    does not call those codes the target), so the crafted images rely on the backdoor rather than
+    on being plain adversarial examples of the clean model; ``"target"`` keeps the whole region.
+    Of those, the share ``top`` with the largest target-logit margin of the fine-tuned head (the
+    codes deepest inside the widened region) is kept: PGD rarely reaches its code exactly, and a
+    code with a margin still classifies the nearby point PGD does reach.
+    """
+    pool = codes.near_pool.to(model.head.weight.device)
+    logits = model.head(pool)
+    inside = logits.argmax(1) == target
+    codes.stats["z_near_in_region"] = int(inside.sum())
+    if region == "expansion":
+        inside &= clean.head(pool).argmax(1) != target
+        codes.stats["z_near_in_expansion"] = int(inside.sum())
     if not bool(inside.any()):
-        raise BackdoorLabError("no Z_near candidate lies in the fine-tuned target region; raise poison_rate or head_epochs")
-    codes.stats["z_near_count"] = int(inside.sum())
-    return codes.near_pool[inside], codes.near_other[inside]
+        raise BackdoorLabError(f"no Z_near candidate lies in the fine-tuned target {region}; raise poison_rate or head_epochs, or use near_region=target")
+    others = logits.clone()
+    others[:, target] = float("-inf")
+    margin = (logits[:, target] - others.max(1).values).cpu()
+    idx = torch.nonzero(inside.cpu()).flatten()
+    idx = idx[margin[idx].argsort(descending=True)][: max(1, math.ceil(top * len(idx)))]
+    codes.stats["z_near_count"] = int(len(idx))
+    codes.stats["z_near_margin_min"] = float(margin[idx].min())
+    return codes.near_pool[idx], codes.near_other[idx]
 
 
 def poisoned_features(feats: Tensor, labels: Tensor, z_far: Tensor, target: int, seed: int) -> tuple[ImageSet, Tensor]:

@@ -347,7 +347,7 @@ class DefenseJob:
     device: str = "auto"
     params: dict = field(default_factory=dict)
 
-    def build(self) -> Defense:
+    def build(self, check_run: bool = True) -> Defense:
         """Validate everything without loading data: unknown names, bad values, a missing run fail here."""
         cls = DEFENSES.get(self.defense)
         params = build_params(cls.Params, dict(self.params), prefix="params.")
@@ -358,13 +358,15 @@ class DefenseJob:
             raise ConfigError("params." + e.field, str(e).split(": ", 1)[-1]) from None
         check_open_rate("heldout_fraction", self.heldout_fraction)
         check_int("heldout_seed", self.heldout_seed, 0)
-        DefenseContext.check_run(self.run, self.model)
+        if check_run:
+            DefenseContext.check_run(self.run, self.model)
         return defense
 
     def config(self) -> dict:
+        """What the run directory records (the attack run need not exist yet: a grid compares configs first)."""
         cfg = asdict(self)
         cfg["run"] = str(Path(self.run).resolve())
-        cfg["params"] = asdict(self.build().p)
+        cfg["params"] = asdict(self.build(check_run=False).p)
         return cfg
 
 

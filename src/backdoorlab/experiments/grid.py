@@ -93,12 +93,17 @@ class Grid:
 
         Paths into the grid (a clean model, a defended run) are compared from ``cells/`` on, so an
         output folder that was moved or copied still resumes; an unfinished cell's config is then
-        rewritten with the new paths so that its job resumes from its checkpoints.
+        rewritten with the new paths so that its job resumes from its checkpoints. A finished cell
+        whose inputs are to be redone (a needed cell's folder was deleted) no longer matches them:
+        the run stops, naming the folder to delete.
         """
         for c in self.cells:
             path = c.dir / "config.json"
             if not path.exists():
                 continue
+            redo = [d for d in c.deps if not self.by_id[d].finished]
+            if redo and c.finished:
+                raise ConfigError(f"cell {c.id}", f"{c.dir} is finished but {redo[0]}, which it needs, is to be redone; delete {c.dir} as well to redo it")
             want = c.config_text()
             have = path.read_text()
             if have == want:
