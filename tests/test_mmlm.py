@@ -94,7 +94,7 @@ def test_z_near_keeps_the_widened_part_of_the_region_deepest_first():
     z, _ = near_codes(backdoored, clean, codes, target=0, region="target", top=0.2)
     assert z[:, 0].tolist() == [2.5]
     with pytest.raises(BackdoorLabError, match="no Z_near candidate"):
-        near_codes(_head(-3.0), clean, codes, target=0, region="expansion")
+        near_codes(_head(-3.0), clean, codes, target=0, region="expansion", top=1.0)
 
 
 def _brute_greedy(d):

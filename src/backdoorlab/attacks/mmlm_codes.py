@@ -73,7 +73,7 @@ def select_codes(ot: SemiDiscreteOT, feats: Tensor, labels: Tensor, p, n_far: in
 
 
 @torch.no_grad()
-def near_codes(model: Classifier, clean: Classifier, codes: LatentCodes, target: int, region: str = "expansion", top: float = 1.0) -> tuple[Tensor, Tensor]:
+def near_codes(model: Classifier, clean: Classifier, codes: LatentCodes, target: int, region: str, top: float) -> tuple[Tensor, Tensor]:
     """Z_near: the candidates that the fine-tuned head places in the (widened) target region.
 
     ``region="expansion"`` keeps only the part of the region that fine-tuning added (the clean head
