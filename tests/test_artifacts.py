@@ -73,8 +73,17 @@ def test_run_dir_finished_marker_and_config_guard(tmp_path):
     with pytest.raises(FileExistsError, match="another config"):
         run.prepare({"a": 2})
     assert run.finished  # nothing already written was lost
+    # check() decides the same things and touches nothing
+    assert run.check({"a": 1}) is True and run.check({"a": 2}, force=True) is False
+    with pytest.raises(FileExistsError, match="another config"):
+        run.check({"a": 2})
+    assert run.finished and (tmp_path / "r" / "t.safetensors").exists()
+    assert json.loads((tmp_path / "r" / "config.json").read_text()) == {"a": 1}
+    # force empties the folder and starts the new config
     assert run.prepare({"a": 2}, force=True) is False and not run.finished
-    assert torch.equal(run.load_tensors("t.safetensors")["x"], torch.arange(3)) if (tmp_path / "r" / "t.safetensors").exists() else True
+    assert not (tmp_path / "r" / "t.safetensors").exists()
+    assert json.loads((tmp_path / "r" / "config.json").read_text()) == {"a": 2}
+    assert RunDir(tmp_path / "new").check({"a": 1}) is False and not (tmp_path / "new").exists()
 
 
 def test_validators_name_the_field():

@@ -77,6 +77,25 @@ def test_bad_input_fails_fast_with_named_field(tmp_path, capsys, args, field):
     assert not (out / "model.safetensors").exists()
 
 
+def test_bad_dataset_with_force_keeps_the_finished_run(tmp_path, capsys):
+    """--force on a finished run empties its folder only once the new inputs have loaded."""
+    out = tmp_path / "clean"
+    assert main(["train", *FAST, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (broken / name).write_bytes(b"\x00\x00\x08\x03garbage")  # right magic, truncated header
+    for cmd in (["train"], ["attack", "badnets"]):
+        assert main([*cmd, "--dataset", "mnist", "--data-root", str(broken), "--quiet", "--force", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "broken" in err and "train-images-idx3-ubyte" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    fresh = tmp_path / "fresh"
+    assert main(["attack", "badnets", "--dataset", "mnist", "--data-root", str(broken), "--quiet", "--out", str(fresh)]) == 2
+    assert not fresh.exists()
+
+
 def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "backdoorlab.cli", "--version"], capture_output=True, text=True, env={"PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert r.returncode == 0 and "backdoorlab" in r.stdout

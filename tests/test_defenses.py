@@ -264,14 +264,48 @@ def test_unknown_defense_and_missing_run(bn, tmp_path, capsys):
     assert "unknown defense" in capsys.readouterr().err
 
 
-def test_defense_benchmark_gives_grid_cells_with_one_folder_name_distinct_outputs():
+def test_force_on_a_junk_model_keeps_the_finished_defense_run(bn, tmp_path, capsys):
+    out = tmp_path / "strip-kept"
+    argv = ["defend", "strip", "--out", str(out), "-p", "n_overlays=4", "-p", "max_inputs=10", "--quiet"]
+    assert main([*argv, "--run", str(bn)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    junk = tmp_path / "junk-run"
+    shutil.copytree(bn, junk)
+    (junk / "model.safetensors").write_bytes(b"\x00not a model" * 20)
+    assert main([*argv, "--run", str(junk), "--force"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (not a package) as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_defenses.py"
-    spec = importlib.util.spec_from_file_location("bench_defenses", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cd_premise_benchmark_measures_both_protocols_and_the_objective(bn):
+    mod = benchmark("bench_cd_premise")
+    r = mod.study(bn, n=6, n_loss=4, fills=2)
+    assert set(r["mean_l1"]) == {"test clean", "test poisoned", "train clean", "train poisoned"}
+    assert 0.0 <= r["auroc_test"] <= 1.0 and 0.0 <= r["auroc_train"] <= 1.0
+    for grp in ("test clean", "test poisoned"):
+        t = r["terms"][grp]
+        assert t["full"]["logit"] == 0.0 and t["full"]["l1"] == pytest.approx(0.01 * 28 * 28)  # the full mask keeps x exactly
+        assert t["empty"]["l1"] == 0.0 and t["empty"]["logit"] > 0  # the empty mask costs only its logit change
+        assert 0 < t["trigger region"]["l1"] < t["full"]["l1"]
+        assert t["found"]["total"] == pytest.approx(t["found"]["logit"] + t["found"]["l1"] + t["found"]["tv"])
+    assert "test poisoned" in mod.markdown([r]) and bn.name in mod.markdown([r])
+
+
+def test_defense_benchmark_gives_grid_cells_with_one_folder_name_distinct_outputs():
+    from pathlib import Path
+
+    mod = benchmark("bench_defenses")
     cells = [Path(f"/r/cells/attack/{d}/digit-cnn/mmlm/s0") for d in ("mnist5k", "fashion-mnist")]
     assert mod.run_labels(cells) == ["mnist5k-digit-cnn-mmlm-s0", "fashion-mnist-digit-cnn-mmlm-s0"]
     assert mod.run_labels([Path("/t/bn40"), Path("/t/bn-r18")]) == ["bn40", "bn-r18"]  # distinct: the folder name

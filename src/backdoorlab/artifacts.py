@@ -56,24 +56,32 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
+    def check(self, config: dict, force: bool = False) -> bool:
+        """True when a finished run with this config is already here (kept unless ``force``).
+
+        Touches nothing: a run with a different config in the folder is an error unless
+        ``force``. Callers check first, then load and validate their inputs, and only then
+        :meth:`prepare`, so a bad input never costs an earlier run its files.
+        """
+        cfg_path = self.path / "config.json"
+        if cfg_path.exists() and cfg_path.read_text() != dump_json(config) and not force:
+            raise FileExistsError(f"{self.path} holds a run with another config; choose another --out or pass --force")
+        return not force and self.finished
+
     def prepare(self, config: dict, force: bool = False) -> bool:
         """Create the directory; return True when a finished run with the same config is already there.
 
-        A finished run is kept unless ``force``; a run with a different config in the same folder
-        is an error (nothing is overwritten silently); an unfinished one resumes.
+        A finished run is kept unless ``force`` (then the folder is emptied); a run with a
+        different config in the same folder is an error (nothing is overwritten silently); an
+        unfinished one resumes.
         """
+        if self.check(config, force):
+            return True
         self.path.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.path / "config.json"
-        text = dump_json(config)
-        if cfg_path.exists() and cfg_path.read_text() != text:
-            if not force:
-                raise FileExistsError(f"{self.path} holds a run with another config; choose another --out or pass --force")
         if force:
             for p in self.path.iterdir():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        elif self.finished:
-            return True
-        _atomic_write(cfg_path, text)
+        _atomic_write(self.path / "config.json", dump_json(config))
         return False
 
     @property

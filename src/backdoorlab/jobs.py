@@ -79,11 +79,12 @@ class AttackJob(TrainJob):
 def run_train(job: TrainJob, out: str | Path, progress: bool = True, force: bool = False) -> dict:
     cfg = job.validate()
     run = RunDir(out)
-    if run.prepare(job.config(), force=force):
+    if run.check(job.config(), force=force):
         return run.read_metrics()
     from .models import build_model
 
-    data = load_dataset(job.dataset, job.data_root)
+    data = load_dataset(job.dataset, job.data_root)  # a bad dataset fails before the folder is touched
+    run.prepare(job.config(), force=force)
     device = resolve_device(job.device)
     torch.manual_seed(job.seed)
     model = build_model(job.model, data.spec, job.width).to(device)
@@ -110,17 +111,20 @@ def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bo
     attack = job.build()
     cfg = job.validate()
     run = RunDir(out)
-    if run.prepare(job.config(), force=force):
+    if run.check(job.config(), force=force):
         return run.read_metrics()
     t0 = time.perf_counter()
+    # inputs first: a missing or malformed dataset or model file fails before the folder is touched
     data = load_dataset(job.dataset, job.data_root)
     device = resolve_device(job.device)
     clean_path = Path(job.clean_model) if job.clean_model else run.file("clean_model.safetensors")
     if job.clean_model and not clean_path.exists():
         raise ConfigError("clean_model", f"{clean_path} does not exist")
+    clean = load_model(clean_path, device=device) if job.clean_model else None
+    run.prepare(job.config(), force=force)
     ctx = AttackContext(data, job.model, cfg, job.seed, device, job.width, progress, clean_path, run.path)
-    if job.clean_model:
-        ctx._clean = load_model(clean_path, device=device)  # fails early if the file is not a model
+    if clean is not None:
+        ctx._clean = clean
     res = attack.run(ctx)
     nc = data.spec.num_classes
     p = attack.p

@@ -376,11 +376,13 @@ def run_defense(job: DefenseJob, out: str | Path, progress: bool = True, force: 
 
     defense = job.build()
     rd = RunDir(out)
-    if rd.prepare(job.config(), force=force):
+    if rd.check(job.config(), force=force):
         return rd.read_metrics()
     t0 = time.perf_counter()
     device = resolve_device(job.device)
+    # the attack run's data and model are loaded (and checked) before the output folder is touched
     ctx = DefenseContext.from_run(job.run, job.model, job.heldout_fraction, job.heldout_seed, device, rd.path, job.seed, progress)
+    rd.prepare(job.config(), force=force)
     torch.manual_seed(job.seed)
     px, _ = ctx.eval_poisoned()
     metrics: dict[str, Any] = {
