@@ -33,19 +33,20 @@ from torch import Tensor
 
 from backdoorlab.data.core import to_float
 from backdoorlab.defenses.base import DefenseContext, frozen, limit
-from backdoorlab.defenses.cognitive_distillation import CognitiveDistillationParams, distill_masks, total_variation
+from backdoorlab.defenses.cognitive_distillation import CognitiveDistillationParams, distill_masks, objective_terms
 from backdoorlab.metrics.ranking import auroc
 
 
 @torch.no_grad()
-def objective_terms(model, x: Tensor, m: Tensor, p: CognitiveDistillationParams, fills: int, g: torch.Generator) -> dict[str, float]:
+def mean_terms(model, x: Tensor, m: Tensor, p: CognitiveDistillationParams, fills: int, g: torch.Generator) -> dict[str, float]:
     """Mean over inputs of the CD objective's three terms for masks ``m``, over ``fills`` random fills."""
     ref = model(x).float()
     dev = torch.zeros(len(x))
     for _ in range(fills):
         u = torch.rand(x.shape[0], x.shape[1], 1, 1, generator=g)
-        dev += (model(x * m + (1 - m) * u).float() - ref).abs().mean(1)
-    t = {"logit": dev / fills, "l1": p.gamma * m.flatten(1).sum(1), "tv": p.beta * total_variation(m)}
+        logit, l1, tv = objective_terms(model(x * m + (1 - m) * u).float(), ref, m, p)
+        dev += logit
+    t = {"logit": dev / fills, "l1": l1, "tv": tv}
     t["total"] = t["logit"] + t["l1"] + t["tv"]
     return {k: float(v.mean()) for k, v in t.items()}
 
@@ -82,7 +83,7 @@ def study(run: Path, n: int, n_loss: int, fills: int) -> dict:
             x = to_float(groups[name][:n_loss])
             m = masks[name][:n_loss]
             refs = {"found": m, "full": torch.ones_like(m), "trigger region": tmask.expand_as(m).contiguous(), "empty": torch.zeros_like(m)}
-            out["terms"][name] = {k: objective_terms(ctx.model, x, v, p, fills, g) for k, v in refs.items()}
+            out["terms"][name] = {k: mean_terms(ctx.model, x, v, p, fills, g) for k, v in refs.items()}
     return out
 
 

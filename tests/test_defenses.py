@@ -277,19 +277,8 @@ def test_force_on_a_junk_model_keeps_the_finished_defense_run(bn, tmp_path, caps
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` (not a package) as a module."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_cd_premise_benchmark_measures_both_protocols_and_the_objective(bn):
-    mod = benchmark("bench_cd_premise")
+def test_cd_premise_benchmark_measures_both_protocols_and_the_objective(bn, repo_script):
+    mod = repo_script("benchmarks", "bench_cd_premise")
     r = mod.study(bn, n=6, n_loss=4, fills=2)
     assert set(r["mean_l1"]) == {"test clean", "test poisoned", "train clean", "train poisoned"}
     assert 0.0 <= r["auroc_test"] <= 1.0 and 0.0 <= r["auroc_train"] <= 1.0
@@ -302,10 +291,10 @@ def test_cd_premise_benchmark_measures_both_protocols_and_the_objective(bn):
     assert "test poisoned" in mod.markdown([r]) and bn.name in mod.markdown([r])
 
 
-def test_defense_benchmark_gives_grid_cells_with_one_folder_name_distinct_outputs():
+def test_defense_benchmark_gives_grid_cells_with_one_folder_name_distinct_outputs(repo_script):
     from pathlib import Path
 
-    mod = benchmark("bench_defenses")
+    mod = repo_script("benchmarks", "bench_defenses")
     cells = [Path(f"/r/cells/attack/{d}/digit-cnn/mmlm/s0") for d in ("mnist5k", "fashion-mnist")]
     assert mod.run_labels(cells) == ["mnist5k-digit-cnn-mmlm-s0", "fashion-mnist-digit-cnn-mmlm-s0"]
     assert mod.run_labels([Path("/t/bn40"), Path("/t/bn-r18")]) == ["bn40", "bn-r18"]  # distinct: the folder name

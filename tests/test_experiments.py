@@ -211,15 +211,8 @@ def test_local_run_writes_one_row_per_cell_and_metric_and_a_report(reference):
     assert json.loads((out / "progress.json").read_text())["done"] == 8
 
 
-def script(module: str, *names: str) -> tuple:
-    """Functions of a script in scripts/ (not a package)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    mod = __import__(module)
-    return tuple(getattr(mod, n) for n in names)
-
-
-def test_publishing_a_report_copies_every_figure_it_shows(reference, tmp_path):
-    (publish,) = script("publish_report", "publish")
+def test_publishing_a_report_copies_every_figure_it_shows(reference, tmp_path, repo_script):
+    publish = repo_script("scripts", "publish_report").publish
 
     _, out, _ = reference
     target = tmp_path / "docs" / "grid.md"
@@ -312,8 +305,9 @@ def test_ray_continues_a_local_run_and_matches_it_exactly(tmp_path, reference):
     assert values(out) == values(ref_out)  # exact equality: same thread count, deterministic CPU kernels
 
 
-def test_mmlm_curve_table_averages_each_budget_over_seeds(tmp_path):
-    curves, markdown = script("mmlm_curve", "curves", "markdown")
+def test_mmlm_curve_table_averages_each_budget_over_seeds(tmp_path, repo_script):
+    mod = repo_script("scripts", "mmlm_curve")
+    curves, markdown = mod.curves, mod.markdown
 
     for seed, (asr, clean) in enumerate([(0.5, 0.1), (0.7, 0.3)]):
         d = tmp_path / "cells" / "attack" / "mnist5k" / "digit-cnn" / "mmlm" / f"s{seed}"

@@ -72,6 +72,11 @@ def total_variation(m: Tensor) -> Tensor:
     return (dv + dh) / m[0].numel()
 
 
+def objective_terms(adv: Tensor, ref: Tensor, m: Tensor, p: CognitiveDistillationParams) -> tuple[Tensor, Tensor, Tensor]:
+    """The three per-sample terms of the CD objective: mean_k |f(x')_k - f(x)_k|, γ·||m||_1, β·TV(m)."""
+    return (adv - ref).abs().mean(1), p.gamma * m.abs().flatten(1).sum(1), p.beta * total_variation(m)
+
+
 def distill_masks(model: Classifier, x: Tensor, p: CognitiveDistillationParams, generator: torch.Generator, device: torch.device) -> Tensor:
     """The cognitive-pattern masks (N, 1, H, W) of images ``x`` (uint8 or float), on the CPU."""
     out = []
@@ -87,7 +92,7 @@ def distill_masks(model: Classifier, x: Tensor, p: CognitiveDistillationParams, 
                 m = (torch.tanh(param) + 1) / 2
                 u = torch.rand(b, c, 1, 1, generator=generator).to(device)
                 adv = model(xb * m + (1 - m) * u).float()
-                loss = (adv - ref).abs().mean(1) + p.gamma * m.abs().flatten(1).sum(1) + p.beta * total_variation(m)
+                loss = sum(objective_terms(adv, ref, m, p))
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
                 opt.step()
