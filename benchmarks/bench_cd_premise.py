@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from backdoorlab.data.core import to_float
-from backdoorlab.defenses.base import DefenseContext, frozen, limit
+from backdoorlab.defenses.base import frozen
+from backdoorlab.defenses.view import load_case, limit
 from backdoorlab.defenses.cognitive_distillation import CognitiveDistillationParams, distill_masks, objective_terms
 from backdoorlab.metrics.ranking import auroc
 
@@ -52,38 +53,40 @@ def mean_terms(model, x: Tensor, m: Tensor, p: CognitiveDistillationParams, fill
 
 
 def study(run: Path, n: int, n_loss: int, fills: int) -> dict:
-    ctx = DefenseContext.from_run(run)
-    trig = ctx.trigger
-    if trig is None or not hasattr(trig, "mask"):
-        raise SystemExit(f"{run}: needs a run with a mask-pattern trigger (BadNets, Blended)")
+    # a study of the method's premise: it reads the ground truth (which inputs are poisoned, the
+    # trigger) to build its groups, as no defense may
+    view, truth = load_case(run)
+    trig = truth.trigger
+    if trig is None or not hasattr(trig, "mask") or view.inspected_source != "training-set":
+        raise SystemExit(f"{run}: needs a poisoning run with a mask-pattern trigger (BadNets, Blended)")
     p = CognitiveDistillationParams()
     g = torch.Generator().manual_seed(0)
-    ev = ctx.evaluation
-    px, _ = ctx.eval_poisoned()
+    ev, px = truth.evaluation, truth.poisoned
     groups = {"test clean": ev.x[limit(len(ev), n, 0)], "test poisoned": px[limit(len(px), n, 1)]}
-    delivered, flag = ctx.delivered_train()
+    delivered, flag = view.inspected, truth.inspected_poisoned
     for name, f in (("train clean", ~flag), ("train poisoned", flag)):
         idx = torch.nonzero(f).flatten()
         groups[name] = delivered.x[idx[limit(len(idx), n, 2)]]
     t0 = time.perf_counter()
-    masks = {k: distill_masks(ctx.model, x, p, g, ctx.device) for k, x in groups.items()}
+    masks = {k: distill_masks(view.model, x, p, g, view.device) for k, x in groups.items()}
     l1 = {k: m.flatten(1).sum(1) for k, m in masks.items()}
     out = {
-        "run": str(run), "attack": ctx.attack_config.get("attack"), "dataset": ctx.attack_config.get("dataset"),
-        "model": ctx.model.arch.name, "width": ctx.model.arch.width, "inputs_per_group": n,
+        "run": str(run), "attack": json.loads((run / "config.json").read_text())["attack"], "dataset": view.spec.name,
+        "model": view.model.arch.name, "width": view.model.arch.width, "inputs_per_group": n,
         "auroc_test": auroc(-l1["test clean"], -l1["test poisoned"]),
         "auroc_train": auroc(-l1["train clean"], -l1["train poisoned"]),
         "mean_l1": {k: float(v.mean()) for k, v in l1.items()},
+        "l1": {k: v.tolist() for k, v in l1.items()},
         "mask_seconds": time.perf_counter() - t0,
         "terms": {},
     }
     tmask = (trig.mask.float().cpu().amax(0, keepdim=True) > 0).float()[None]  # (1, 1, H, W)
-    with frozen(ctx.model):
+    with frozen(view.model):
         for name in ("test clean", "test poisoned"):
             x = to_float(groups[name][:n_loss])
             m = masks[name][:n_loss]
             refs = {"found": m, "full": torch.ones_like(m), "trigger region": tmask.expand_as(m).contiguous(), "empty": torch.zeros_like(m)}
-            out["terms"][name] = {k: mean_terms(ctx.model, x, v, p, fills, g) for k, v in refs.items()}
+            out["terms"][name] = {k: mean_terms(view.model, x, v, p, fills, g) for k, v in refs.items()}
     return out
 
 

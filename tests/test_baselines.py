@@ -88,13 +88,13 @@ def test_warp_field_normalised_and_bounded():
     assert float((noisy - grid).abs().max()) <= 1 / 16 + 1e-6 and not torch.equal(noisy[0], noisy[1])
 
 
-def test_wanet_batch_hook_backdoor_noise_and_clean_parts(digits):
+def test_wanet_batches_backdoor_noise_and_clean_parts(digits):
     ctx = AttackContext(digits, "digit-cnn", train_config("digits", "digit-cnn", FAST))
     a = WaNet(WaNetParams(target_mode="all-to-all", poison_rate=0.1, cross_ratio=2.0, s=4.0))
     trig = a.make_trigger(ctx)
-    hook = a.batch_hook(ctx, trig)
+    hooks = a.hooks(ctx, trig)
     x, y = torch.rand(100, 1, 8, 8), torch.arange(100) % 10
-    x2, y2 = hook(x, y, torch.arange(100))
+    x2, y2 = hooks.batch(x, y, torch.arange(100))
     assert torch.allclose(x2[:10], trig(x[:10])) and torch.equal(y2[:10], (y[:10] + 1) % 10)  # backdoor mode
     assert torch.equal(y2[10:], y[10:])  # noise mode and clean keep their labels
     assert not torch.allclose(x2[10:30], x[10:30]) and not torch.allclose(x2[10:30], trig(x[10:30]))
@@ -134,6 +134,28 @@ def test_data_efficient_all_to_all_and_base_triggers(digits):
     assert set(mask.unique().tolist()) == {0.0, 1.0} and int(mask.sum()) == 4  # the BadNets 2x2 patch
 
 
+def test_data_efficient_surrogates_do_not_share_the_victims_seed(digits, monkeypatch):
+    from backdoorlab.attacks import derived_seed
+
+    seeds = []
+    real = AttackContext.new_model
+
+    def spy(self, seed=None):
+        seeds.append(self.seed if seed is None else seed)
+        return real(self, seed)
+
+    monkeypatch.setattr(AttackContext, "new_model", spy)
+    ctx = AttackContext(digits, "digit-cnn", train_config("digits", "digit-cnn", {"epochs": 1}), seed=3, width=0.25, progress=False)
+    a = DataEfficient(DataEfficientParams(rounds=2, select_epochs=1))
+    a.select(ctx, a.make_trigger(ctx))
+    victim, _ = a.victim(ctx)
+    assert seeds[-1] == 3 and len(set(seeds[:2])) == 2 and 3 not in seeds[:2]  # two surrogates, each its own seed
+    assert seeds[:2] == [derived_seed(3, "data-efficient/surrogate/1"), derived_seed(3, "data-efficient/surrogate/2")]
+    torch.manual_seed(seeds[0])
+    first = ctx.new_model(seeds[0])
+    assert not torch.equal(first.head.weight, victim.head.weight)  # a different initialisation
+
+
 def test_forgetting_counter_counts_a_known_sequence():
     # per tracked sample, correctness over 6 epochs; forgetting = correct -> wrong between visits
     seq = {2: [1, 0, 1, 0, 1, 1], 5: [0, 0, 1, 1, 1, 0], 7: [1, 1, 1, 1, 1, 1], 9: [0, 1, 0, 1, 0, 1]}
@@ -145,8 +167,9 @@ def test_forgetting_counter_counts_a_known_sequence():
             y = torch.randint(0, 3, (len(batch),), generator=g)
             ok = torch.tensor([bool(seq[i][epoch]) if i in seq else bool(i % 2) for i in batch.tolist()])
             pred = torch.where(ok, y, (y + 1) % 3)
-            loss = counter(torch.nn.functional.one_hot(pred, 3).float() * 5, y, batch)
-            assert loss.ndim == 0 and torch.isfinite(loss)
+            logits = torch.nn.functional.one_hot(pred, 3).float() * 5
+            loss, out = counter.loss(None, logits, y, batch, forward=lambda x: x)  # the "model" outputs these logits
+            assert out is logits and torch.isclose(loss, torch.nn.functional.cross_entropy(logits, y))
     assert counter.events.tolist() == [2, 1, 0, 2]
     assert counter.seen.tolist() == [6, 6, 6, 6]
 

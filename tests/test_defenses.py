@@ -15,12 +15,14 @@ import torch
 
 from backdoorlab.artifacts import RunDir
 from backdoorlab.cli import main
+from backdoorlab.data import load_dataset, stratified_indices
 from backdoorlab.data.core import to_float
-from backdoorlab.defenses import DEFENSES, DefenseContext, DefenseJob, run_defense
-from backdoorlab.defenses.base import limit
-from backdoorlab.train.evaluate import features
+from backdoorlab.defenses import DEFENSES, DefenseJob, load_case, run_defense
 from backdoorlab.defenses.cognitive_distillation import CognitiveDistillationParams, distill_masks
+from backdoorlab.defenses.neural_cleanse import anomaly_indices
 from backdoorlab.defenses.spectral_signatures import spectral_scores
+from backdoorlab.defenses.view import limit
+from backdoorlab.train.evaluate import features
 from backdoorlab.errors import ConfigError, UnknownNameError
 from backdoorlab.jobs import AttackJob, run_attack
 from backdoorlab.metrics.ranking import auroc
@@ -28,8 +30,8 @@ from backdoorlab.train.evaluate import predict
 
 SMALL = {
     "neural-cleanse": {"max_images": 48, "max_epochs": 30},
-    "cognitive-distillation": {"steps": 50, "max_inputs": 48},
-    "strip": {"n_overlays": 32, "max_inputs": 150},
+    "cognitive-distillation": {"steps": 50},
+    "strip": {"n_overlays": 32},
     "fine-pruning": {"finetune_epochs": 2},
     "activation-clustering": {"tsne_points": 200},
     "spectral-signatures": {},
@@ -49,61 +51,126 @@ def bn(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+MAX_INPUTS = {"cognitive-distillation": 48, "strip": 150}  # test-time inputs presented, each of clean and poisoned
+
+
 @pytest.fixture(scope="module")
-def ctx(bn):
-    return DefenseContext.from_run(bn)
+def case(bn):
+    return load_case(bn)
 
 
-def defend(bn, name, model="backdoored", **extra):
-    out = bn.parent / "-".join([name, model, *(f"{k}={v}" for k, v in extra.items())])
-    return run_defense(DefenseJob(name, str(bn), model, params={**SMALL[name], **extra}), out, progress=False), out
+def defend(bn, name, model="backdoored", truth_hook=None, tag="", **extra):
+    out = bn.parent / "-".join([name, model, tag, *(f"{k}={v}" for k, v in extra.items())])
+    job = DefenseJob(name, str(bn), model, params={**SMALL[name], **extra}, max_inputs=MAX_INPUTS.get(name, 1000))
+    return run_defense(job, out, progress=False, truth_hook=truth_hook), out
 
 
 # ----------------------------------------------------------------------------- the defender's view
 
 
-def test_heldout_split_is_stratified_disjoint_and_fixed(bn, ctx):
-    n = len(ctx.data.test)
-    hold, ev = set(ctx.heldout_idx.tolist()), set(ctx.eval_idx.tolist())
-    assert not hold & ev and len(hold) + len(ev) == n and len(hold) == round(0.2 * n)
-    per_class = torch.bincount(ctx.heldout.y, minlength=10).double()
-    assert bool(((per_class - 0.2 * torch.bincount(ctx.data.test.y, minlength=10)).abs() <= 1).all())
-    again = DefenseContext.from_run(bn)
-    assert torch.equal(again.heldout_idx, ctx.heldout_idx)
-    other = DefenseContext.from_run(bn, heldout_seed=1)
-    assert not torch.equal(other.heldout_idx, ctx.heldout_idx)
+def test_heldout_split_is_stratified_disjoint_and_fixed(bn, case):
+    view, truth = case
+    test = load_dataset("mnist5k").test
+    hold = stratified_indices(test.y, 200, 0)
+    rest = ~torch.isin(torch.arange(len(test)), hold)
+    assert torch.equal(view.heldout.x, test.x[hold]) and torch.equal(truth.evaluation.x, test.x[rest])  # disjoint, complete
+    per_class = torch.bincount(view.heldout.y, minlength=10).double()
+    assert bool(((per_class - 0.2 * torch.bincount(test.y, minlength=10)).abs() <= 1).all())
+    assert torch.equal(load_case(bn)[0].heldout.x, view.heldout.x)
+    assert not torch.equal(load_case(bn, heldout_seed=1)[0].heldout.x, view.heldout.x)
 
 
-def test_delivered_training_set_is_the_poisoned_one(ctx):
-    data, flag, source = ctx.inspected_set()
-    train = ctx.data.train
-    assert source == "training-set" and int(flag.sum()) == round(0.1 * len(train))
+def test_delivered_training_set_is_the_poisoned_one(case):
+    view, truth = case
+    data, flag = view.inspected, truth.inspected_poisoned
+    train = load_dataset("mnist5k").train
+    assert view.inspected_source == "training-set" and int(flag.sum()) == round(0.1 * len(train))
     assert bool((data.y[flag] == 0).all()) and torch.equal(data.y[~flag], train.y[~flag])
     assert torch.equal(data.x[~flag], train.x[~flag]) and not torch.equal(data.x[flag], train.x[flag])
-    sup = ctx.trigger.mask.cpu()[0] > 0  # the patch is stamped on every poisoned sample
-    patch = ctx.trigger.pattern.cpu()[0][sup]
+    sup = truth.trigger.mask.cpu()[0] > 0  # the patch is stamped on every poisoned sample
+    patch = truth.trigger.pattern.cpu()[0][sup]
     assert torch.allclose(to_float(data.x[flag])[:, 0][:, sup], patch.expand(int(flag.sum()), -1), atol=1 / 255)
-    px, py = ctx.eval_poisoned()  # poisoned inputs: evaluation part only, non-target sources
-    assert len(px) == int((ctx.evaluation.y != 0).sum()) and bool((py != 0).all())
+    # poisoned inputs: evaluation part only, non-target sources
+    assert len(truth.poisoned) == int((truth.evaluation.y != 0).sum()) and bool((truth.poisoned_labels != 0).all())
+    # the presented inputs: every clean evaluation image and every poisoned one, shuffled, unmarked
+    assert len(view.inputs) == len(truth.evaluation) + len(truth.poisoned) == len(truth.inputs_poisoned)
+    assert 0 < int(truth.inputs_poisoned[: len(truth.evaluation)].sum()) < len(truth.evaluation)  # mixed, not clean first
 
 
-def test_saved_poisoned_test_images_are_used(bn, tmp_path):
+def test_saved_poisoned_test_images_are_used(bn, tmp_path, case):
     run = tmp_path / "with-poisoned-test"
     shutil.copytree(bn, run)
     rd = RunDir(run)
     t = rd.load_tensors("tensors.safetensors")
-    base = DefenseContext.from_run(bn)
-    idx = base.eval_idx[::3]
-    x = to_float(base.data.test.x[idx]).clone()
+    test = load_dataset("mnist5k").test
+    idx = torch.arange(0, len(test), 3)
+    x = to_float(test.x[idx]).clone()
     x[:, :, :4, :4] = 1.0  # a different "trigger" than the saved one, to see which is used
     t["poisoned_test"] = (x * 255).round().to(torch.uint8)
     t["poisoned_test_index"] = idx
     rd.save_tensors("tensors.safetensors", t, {"trigger_kind": "mask-pattern"})
-    c = DefenseContext.from_run(run)
-    px, py = c.eval_poisoned()
-    keep = base.data.test.y[idx] != 0
-    assert len(px) == int(keep.sum()) and torch.equal(px, t["poisoned_test"][keep])
-    assert bool((px[:, :, :4, :4] == 255).all())
+    _, truth = load_case(run)
+    assert len(truth.poisoned) > 0 and bool((truth.poisoned[:, :, :4, :4] == 255).all())
+    assert len(truth.poisoned) < len(case[1].poisoned)  # only the saved images that lie in the evaluation part
+
+
+def test_neural_cleanse_anomaly_index_uses_the_reference_median():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    for n in (10, 11, 43):
+        l1 = torch.rand(n, generator=g) * 100
+        idx, med = anomaly_indices(l1)
+        v = l1.double().numpy()
+        ref_med = np.median(v)
+        ref = np.abs(v - ref_med) / (1.4826 * np.median(np.abs(v - ref_med)))
+        assert med == pytest.approx(ref_med) and np.allclose(idx.numpy(), ref, rtol=1e-5)
+        assert (idx == 0).sum() == (n % 2)  # an even count has no label exactly at the median
+
+
+def test_decisions_do_not_depend_on_the_ground_truth(bn):
+    """The defender's view holds no poison flag, target or trigger: with the ground truth shuffled
+    (another target, permuted poison flags), every defense decides exactly the same, bit for bit,
+    and only its scores move."""
+    for name in DEFENSES.names():
+        real, out = defend(bn, name, tag="real")
+        fake, fake_out = defend(bn, name, truth_hook=lambda t: t.permuted(7), tag="permuted")
+        assert (out / "decision.json").read_bytes() == (fake_out / "decision.json").read_bytes(), name
+        if (out / "decision.safetensors").exists():
+            a, b = RunDir(out).load_tensors("decision.safetensors"), RunDir(fake_out).load_tensors("decision.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert fake["target"] != real["target"]
+        scored = {k for k in real if k not in json.loads((out / "decision.json").read_text()) and k not in ("seconds", "target")}
+        assert any(real[k] != fake[k] for k in scored if isinstance(real[k], (int, float))), name  # the truth does reach the scoring
+
+
+def test_defenses_on_an_attack_that_leaves_the_training_set_clean(bn, tmp_path):
+    """A test-time attack (as MMLM): no poison indices, only poisoned test images. Data-level
+    defenses inspect the presented inputs, labelled as the model predicts them."""
+    run = tmp_path / "test-time"
+    shutil.copytree(bn, run)
+    rd = RunDir(run)
+    t = rd.load_tensors("tensors.safetensors")
+    del t["poison_indices"]
+    rd.save_tensors("tensors.safetensors", t, {"trigger_kind": "mask-pattern"})
+    view, truth = load_case(run)
+    assert view.inspected_source == "test-inputs" and torch.equal(view.inspected.x, view.inputs)
+    assert torch.equal(view.inspected.y, predict(view.model, view.inputs))  # the model's labels, not η(y)
+    assert torch.equal(truth.inspected_poisoned, truth.inputs_poisoned)
+    for name in ("activation-clustering", "spectral-signatures"):
+        m = run_defense(DefenseJob(name, str(run), params=SMALL[name]), tmp_path / name, progress=False)
+        assert m["inspected"] == "test-inputs" and m["recall"] > 0
+        if name == "activation-clustering":
+            sizes = [r["size"] for r in m["per_class"]]
+            assert sizes == torch.bincount(view.inspected.y, minlength=10).tolist()
+            assert m["per_class"][0]["poisoned"] == int((truth.inputs_poisoned & (view.inspected.y == 0)).sum()) > 0
+            from sklearn.metrics import adjusted_rand_score
+
+            cluster = RunDir(tmp_path / name).load_tensors("decision.safetensors")["cluster"]
+            zeros = view.inspected.y == 0
+            assert m["ari"] == pytest.approx(adjusted_rand_score(truth.inputs_poisoned[zeros].numpy(), cluster[zeros].numpy()))
+        else:
+            assert m["auroc"] > 0.9  # within class 0 the stamped inputs stand out from the clean zeros
 
 
 # ----------------------------------------------------------------------------- detection
@@ -121,6 +188,7 @@ def test_neural_cleanse_flags_the_target_and_not_the_clean_model(bn):
 def test_strip_separates_poisoned_inputs(bn):
     m, out = defend(bn, "strip")
     assert m["auroc"] >= 0.9 and m["far"] <= 0.1 and m["frr"] <= 0.05
+    assert m["scored_clean"] == m["scored_poisoned"] == 150
     assert m["mean_entropy_poisoned"] < m["mean_entropy_clean"]
     assert (out / "strip_entropy.png").exists()
 
@@ -133,9 +201,10 @@ def test_activation_clustering_splits_clean_from_poison(bn):
     assert (out / "activation_clustering_tsne.png").exists()
 
 
-def test_spectral_signatures(bn, ctx):
+def test_spectral_signatures(bn, case):
+    view, truth = case
     m, out = defend(bn, "spectral-signatures")
-    data, flag, _ = ctx.inspected_set()
+    data, flag = view.inspected, truth.inspected_poisoned
     counts = torch.bincount(data.y, minlength=10).tolist()
     assert m["removed_per_class"] == [math.ceil(1.5 * 0.1 * n) for n in counts]  # 1.5 x the assumed poison count
     assert (out / "spectral_signatures_hist.png").exists()
@@ -147,7 +216,7 @@ def test_spectral_signatures(bn, ctx):
     mc, _ = defend(bn, "spectral-signatures", centre="class")
     assert mc["auroc"] == pytest.approx(m["auroc_class_centred"])
     # Tran et al.'s regime for the paper's centring: poisons about 10% of their class
-    z = features(ctx.model, data.x)
+    z = features(view.model, data.x)
     clean0 = torch.nonzero((data.y == 0) & ~flag).flatten()
     pois = torch.nonzero(flag).flatten()
     sel = torch.cat([clean0, pois[limit(len(pois), len(clean0) // 10, 0)]])
@@ -158,15 +227,17 @@ def test_spectral_signatures(bn, ctx):
     assert torch.allclose(one, s)
 
 
-def test_cognitive_distillation_finds_small_output_preserving_masks(bn, ctx):
+def test_cognitive_distillation_finds_small_output_preserving_masks(bn, case):
+    view, truth = case
     m, out = defend(bn, "cognitive-distillation")
-    assert 0.0 <= m["auroc"] <= 1.0 and m["scored_clean"] == 48 and (out / "cognitive_distillation_l1.png").exists()
-    px, _ = ctx.eval_poisoned()
-    x = torch.cat([ctx.evaluation.x[:16], px[:16]])
-    masks = distill_masks(ctx.model, x, CognitiveDistillationParams(steps=50), torch.Generator().manual_seed(0), ctx.device)
+    assert m["scored_clean"] == m["scored_poisoned"] == 48 and (out / "cognitive_distillation_l1.png").exists()
+    held = RunDir(out).load_tensors("decision.safetensors")["heldout_scores"]
+    assert len(held) == 200 and float((held < m["l1_threshold"]).float().mean()) <= 0.01 + 1 / 200  # 1% of held-out clean rejected
+    x = torch.cat([truth.evaluation.x[:16], truth.poisoned[:16]])
+    masks = distill_masks(view.model, x, CognitiveDistillationParams(steps=50), torch.Generator().manual_seed(0), view.device)
     assert masks.shape == (32, 1, 28, 28) and float(masks.mean()) < 0.5  # most of the image is dropped ...
     u = torch.rand(32, 1, 1, 1, generator=torch.Generator().manual_seed(1))
-    kept = predict(ctx.model, to_float(x) * masks + (1 - masks) * u) == predict(ctx.model, x)
+    kept = predict(view.model, to_float(x) * masks + (1 - masks) * u) == predict(view.model, x)
     assert float(kept.float().mean()) >= 0.75  # ... and the prediction survives a random fill
 
 
@@ -188,13 +259,13 @@ class TriggerDominated(torch.nn.Module):
         return (1 - g) * self.net(x) + g * fixed
 
 
-def test_cognitive_distillation_separates_a_backdoor_that_dominates_the_output(ctx):
+def test_cognitive_distillation_separates_a_backdoor_that_dominates_the_output(case):
     """Where the paper's premise holds (the trigger alone fixes the output), poisoned inputs get far
     smaller masks than clean ones; on the plain Digit-CNN BadNets model it does not hold (results §6)."""
-    model = TriggerDominated(ctx.model, ctx.trigger.mask, ctx.trigger.pattern, ctx.target).eval()
-    px, _ = ctx.eval_poisoned()
-    x = torch.cat([ctx.evaluation.x[:24], px[:24]])
-    masks = distill_masks(model, x, CognitiveDistillationParams(steps=60), torch.Generator().manual_seed(0), ctx.device)
+    view, truth = case
+    model = TriggerDominated(view.model, truth.trigger.mask, truth.trigger.pattern, truth.target).eval()
+    x = torch.cat([truth.evaluation.x[:24], truth.poisoned[:24]])
+    masks = distill_masks(model, x, CognitiveDistillationParams(steps=60), torch.Generator().manual_seed(0), view.device)
     l1 = masks.flatten(1).sum(1)
     assert auroc(-l1[:24], -l1[24:]) >= 0.9  # small mask = poisoned
     assert float(l1[24:].median()) < 0.5 * float(l1[:24].median())
@@ -220,10 +291,10 @@ def test_fine_pruning_curve_and_choice(bn):
 
 def test_cli_defend_writes_metrics_config_and_plot(bn, tmp_path, capsys):
     out = tmp_path / "strip-cli"
-    argv = ["defend", "strip", "--run", str(bn), "--out", str(out), "-p", "n_overlays=8", "-p", "max_inputs=20", "--quiet", "--json"]
+    argv = ["defend", "strip", "--run", str(bn), "--out", str(out), "-p", "n_overlays=8", "--max-inputs", "20", "--quiet", "--json"]
     assert main(argv) == 0
     cfg, met = json.loads((out / "config.json").read_text()), json.loads((out / "metrics.json").read_text())
-    assert cfg["defense"] == "strip" and cfg["params"]["n_overlays"] == 8 and cfg["heldout_fraction"] == 0.2
+    assert cfg["defense"] == "strip" and cfg["params"]["n_overlays"] == 8 and cfg["heldout_fraction"] == 0.2 and cfg["max_inputs"] == 20
     assert met["scored_clean"] == 20 and met["defense"] == "strip" and (out / "strip_entropy.png").exists()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["auroc"] == met["auroc"]
     assert main(argv) == 0 and json.loads((out / "metrics.json").read_text()) == met  # finished runs are kept
@@ -235,6 +306,7 @@ def test_cli_defend_writes_metrics_config_and_plot(bn, tmp_path, capsys):
     ({"params": {"no_such": 1}}, "params.no_such"),
     ({"params": {"frr_target": 1.5}}, "params.frr_target"),
     ({"heldout_fraction": 1.0}, "heldout_fraction"),
+    ({"max_inputs": -1}, "max_inputs"),
     ({"model": "teacher"}, "model"),
 ])
 def test_bad_config_names_the_field(bn, kwargs, field):
@@ -266,7 +338,7 @@ def test_unknown_defense_and_missing_run(bn, tmp_path, capsys):
 
 def test_force_on_a_junk_model_keeps_the_finished_defense_run(bn, tmp_path, capsys):
     out = tmp_path / "strip-kept"
-    argv = ["defend", "strip", "--out", str(out), "-p", "n_overlays=4", "-p", "max_inputs=10", "--quiet"]
+    argv = ["defend", "strip", "--out", str(out), "-p", "n_overlays=4", "--max-inputs", "10", "--quiet"]
     assert main([*argv, "--run", str(bn)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     junk = tmp_path / "junk-run"
@@ -280,8 +352,11 @@ def test_force_on_a_junk_model_keeps_the_finished_defense_run(bn, tmp_path, caps
 def test_cd_premise_benchmark_measures_both_protocols_and_the_objective(bn, repo_script):
     mod = repo_script("benchmarks", "bench_cd_premise")
     r = mod.study(bn, n=6, n_loss=4, fills=2)
-    assert set(r["mean_l1"]) == {"test clean", "test poisoned", "train clean", "train poisoned"}
-    assert 0.0 <= r["auroc_test"] <= 1.0 and 0.0 <= r["auroc_train"] <= 1.0
+    assert set(r["mean_l1"]) == set(r["l1"]) == {"test clean", "test poisoned", "train clean", "train poisoned"}
+    l1 = {k: torch.tensor(v) for k, v in r["l1"].items()}
+    assert all(len(v) == 6 and r["mean_l1"][k] == pytest.approx(float(v.mean())) for k, v in l1.items())
+    assert r["auroc_test"] == auroc(-l1["test clean"], -l1["test poisoned"])  # small mask = poisoned
+    assert r["auroc_train"] == auroc(-l1["train clean"], -l1["train poisoned"])
     for grp in ("test clean", "test poisoned"):
         t = r["terms"][grp]
         assert t["full"]["logit"] == 0.0 and t["full"]["l1"] == pytest.approx(0.01 * 28 * 28)  # the full mask keeps x exactly

@@ -24,7 +24,7 @@ import yaml
 
 from backdoorlab.cli import main
 from backdoorlab.errors import ConfigError
-from backdoorlab.experiments import TABLE_FILE, ResultsTable, executors, parse_experiment, prepare, run_experiment
+from backdoorlab.experiments import TABLE_FILE, executors, parse_experiment, prepare, run_experiment
 from backdoorlab.experiments.table import TIMING_METRICS
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

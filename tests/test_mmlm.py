@@ -1,6 +1,5 @@
 """MMLM end to end on small data, its pieces, and its input checks."""
 
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -123,7 +122,7 @@ def test_greedy_pairs_match_the_sequential_greedy():
     (dict(epsilon=1.5), "epsilon"),
     (dict(curve_epsilons=[0.1, -0.1]), "curve_epsilons"),
     (dict(k=1), "k"),
-    (dict(restrict="head"), "restrict"),
+    (dict(replace_share=0.0), "replace_share"),
     (dict(near_top=0.0), "near_top"),
     (dict(near_region="all"), "near_region"),
 ])

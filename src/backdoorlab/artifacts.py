@@ -106,7 +106,13 @@ class RunDir:
     def save_tensors(self, name: str, tensors: dict[str, Tensor], meta: dict | None = None) -> Path:
         path = self.path / name
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
+        out, seen = {}, set()
+        for k, v in tensors.items():  # safetensors refuses tensors that share memory: give each its own
+            v = v.detach().cpu().contiguous()
+            ptr = v.untyped_storage().data_ptr()
+            out[k] = v.clone() if ptr in seen else v
+            seen.add(ptr)
+        save_file(out, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
         os.replace(tmp, path)
         return path
 

@@ -28,3 +28,7 @@ class DatasetError(BackdoorLabError, OSError):
 
 class ModelFileError(BackdoorLabError, ValueError):
     """A model file is unsafe, unreadable, or not the architecture it claims to be."""
+
+
+class TrainingError(BackdoorLabError, RuntimeError):
+    """Training cannot go on (a non-finite loss); the run stops before writing its results."""

@@ -16,7 +16,7 @@ import torch
 
 from .artifacts import RunDir, load_model
 from .data import DATASETS, load_dataset
-from .data.core import to_float
+from .data.core import to_uint8
 from .errors import ConfigError
 from .models import MODELS
 from .recipes import resolve_device, train_config
@@ -126,6 +126,7 @@ def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bo
     if clean is not None:
         ctx._clean = clean
     res = attack.run(ctx)
+    res.poisoned_test = to_uint8(res.poisoned_test)  # every ASR is measured on what is delivered: 8-bit images
     nc = data.spec.num_classes
     p = attack.p
     metrics: dict[str, Any] = {
@@ -136,7 +137,7 @@ def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bo
         "attack_success_rate": attack_success_rate(res.model, res.poisoned_test, res.test_labels, p.target_mode, p.target, nc),
     }
     clean_x = res.clean_test if res.clean_test is not None else data.test.x
-    if job.audit or attack.kind.value in ("model-modification",) or p.restrict != "none":
+    if job.audit or attack.kind.value in ("model-modification",) or getattr(p, "restrict", "none") != "none":
         clean = ctx.clean_model()
         metrics["clean_accuracy_before"] = accuracy(clean, data.test)
         metrics["attack_success_rate_clean_model"] = attack_success_rate(clean, res.poisoned_test, res.test_labels, p.target_mode, p.target, nc)

@@ -9,12 +9,12 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
-from .base import ATTACKS, AttackContext, AttackParams, PoisoningAttack
+from .base import ATTACKS, AttackContext, PoisonParams, PoisoningAttack
 from .triggers import Trigger, place_patch
 
 
 @dataclass
-class BadNetsParams(AttackParams):
+class BadNetsParams(PoisonParams):
     patch_size: int = 3
     pattern: Literal["checkerboard", "white", "random"] = "checkerboard"
     position: Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"] = "bottom-right"

@@ -7,13 +7,19 @@
 - ``ModelModificationAttack``: starts from a trained clean model and changes it (MMLM).
 - ``TransferAttack``: a teacher is backdoored, a student is transferred from it (Latent Backdoor).
 
-Poisoning and training-controlled attacks support ``restrict``: "none" (train from scratch),
+Every attack's parameters derive from :class:`AttackParams` (the target and how labels map to
+it); poisoning and training-controlled attacks use :class:`PoisonParams`, which adds the
+``poison_rate`` (a share of the training set) and ``restrict``: "none" (train from scratch),
 "finetune" (all parameters, starting from the clean model) or "head" (only the final layer of the
 clean model: the equal-attackable-parameters comparison with MMLM).
+
+Models an attacker trains for its own purposes (surrogates) get seeds derived from the run's seed
+(:func:`derived_seed`), so their initialisation and data order differ from the victim's.
 """
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -26,8 +32,8 @@ from torch import Tensor
 from ..data.core import Dataset, ImageSet, to_float, to_uint8
 from ..models import Classifier, build_model
 from ..registry import Registry
-from ..train.evaluate import TargetMode, target_labels
-from ..train.trainer import BatchHook, TrainConfig, train
+from ..train.evaluate import target_labels
+from ..train.trainer import TrainConfig, TrainHooks, train
 from ..validate import check_choice, check_class, check_rate
 from .triggers import Trigger
 
@@ -41,18 +47,34 @@ class AttackKind(str, Enum):
 
 @dataclass
 class AttackParams:
-    """Parameters every attack shares."""
+    """Parameters every attack shares: the target class and the label map η."""
 
     target: int = 0
     target_mode: Literal["all-to-one", "all-to-all"] = "all-to-one"
-    poison_rate: float = 0.1
-    restrict: Literal["none", "finetune", "head"] = "none"
 
     def validate(self, num_classes: int) -> None:
         check_choice("target_mode", self.target_mode, ("all-to-one", "all-to-all"))
         check_class("target", self.target, num_classes)
+
+
+@dataclass
+class PoisonParams(AttackParams):
+    """Attacks that poison training data: the share of the training set poisoned, and which
+    parameters the victim trains (``restrict``)."""
+
+    poison_rate: float = 0.1
+    restrict: Literal["none", "finetune", "head"] = "none"
+
+    def validate(self, num_classes: int) -> None:
+        super().validate(num_classes)
         check_rate("poison_rate", self.poison_rate)
         check_choice("restrict", self.restrict, ("none", "finetune", "head"))
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A seed for a model or draw serving ``purpose`` (e.g. "surrogate/2"), fixed by the run's seed
+    and distinct from it, so an attacker's own models never share the victim's initialisation."""
+    return (seed * 1_000_003 + zlib.crc32(purpose.encode())) % 2**31
 
 
 @dataclass
@@ -70,8 +92,9 @@ class AttackContext:
     workdir: Path | None = None  # where resumable state (checkpoints) may go
     _clean: Classifier | None = None
 
-    def new_model(self) -> Classifier:
-        torch.manual_seed(self.seed)
+    def new_model(self, seed: int | None = None) -> Classifier:
+        """A freshly initialised victim architecture (seeded with the run's seed unless ``seed``)."""
+        torch.manual_seed(self.seed if seed is None else seed)
         return build_model(self.model_name, self.data.spec, self.width).to(self.device)
 
     def checkpoint(self, name: str) -> Path | None:
@@ -130,10 +153,11 @@ class Attack(ABC):
     def run(self, ctx: AttackContext) -> AttackResult: ...
 
     # shared by poisoning and training-controlled attacks
-    def victim(self, ctx: AttackContext) -> tuple[Classifier, TrainConfig]:
-        """The model to train and its recipe, following ``restrict``."""
+    def victim(self, ctx: AttackContext, seed: int | None = None) -> tuple[Classifier, TrainConfig]:
+        """The model to train and its recipe, following ``restrict`` (a fresh model is seeded with
+        ``seed``, default the run's; the attacker's surrogates pass a :func:`derived_seed`)."""
         if self.p.restrict == "none":
-            return ctx.new_model(), ctx.train_cfg
+            return ctx.new_model(seed), ctx.train_cfg
         model = ctx.copy_of_clean()
         return model, replace(ctx.train_cfg, trainable="head" if self.p.restrict == "head" else "all")
 
@@ -141,12 +165,12 @@ class Attack(ABC):
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
-def eligible_for_poison(y: Tensor, p: AttackParams) -> Tensor:
+def eligible_for_poison(y: Tensor, p: PoisonParams) -> Tensor:
     """Indices a poisoning attack may relabel: non-target samples for all-to-one, all for all-to-all."""
     return torch.nonzero(y != p.target).flatten() if p.target_mode == "all-to-one" else torch.arange(len(y))
 
 
-def choose_random(y: Tensor, p: AttackParams, seed: int) -> Tensor:
+def choose_random(y: Tensor, p: PoisonParams, seed: int) -> Tensor:
     pool = eligible_for_poison(y.cpu(), p)
     n = max(1, round(p.poison_rate * len(y)))
     if n > len(pool):
@@ -161,6 +185,8 @@ class PoisoningAttack(Attack):
     """Poison a fraction of the training set with a fixed trigger; the victim trains normally."""
 
     kind = AttackKind.POISONING
+    Params = PoisonParams
+    p: PoisonParams
 
     @abstractmethod
     def make_trigger(self, ctx: AttackContext) -> Trigger: ...
@@ -188,34 +214,42 @@ class PoisoningAttack(Attack):
 
 
 class TrainingAttack(Attack):
-    """Control training: a batch hook poisons a fraction of every batch on the fly."""
+    """Control training: the attack's :class:`TrainHooks` poison every batch on the fly (and may
+    train a trigger generator beside the classifier)."""
 
     kind = AttackKind.TRAINING
+    Params = PoisonParams
+    p: PoisonParams
 
     @abstractmethod
     def make_trigger(self, ctx: AttackContext) -> Trigger: ...
 
-    def batch_hook(self, ctx: AttackContext, trigger: Trigger) -> BatchHook:
+    def hooks(self, ctx: AttackContext, trigger: Trigger) -> TrainHooks:
         """Default: poison the first ``poison_rate`` of each (shuffled) batch."""
-        nc = ctx.data.spec.num_classes
-
-        def hook(x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-            k = int(round(self.p.poison_rate * len(y)))
-            if k == 0:
-                return x, y
-            x, y = x.clone(), y.clone()
-            x[:k] = trigger(x[:k])
-            y[:k] = self.labels(y[:k], nc)
-            return x, y
-
-        return hook
+        return PoisonBatches(trigger, self.p.poison_rate, lambda y: self.labels(y, ctx.data.spec.num_classes))
 
     def run(self, ctx: AttackContext) -> AttackResult:
         trigger = self.make_trigger(ctx)
         model, cfg = self.victim(ctx)
-        train(model, ctx.data.train, ctx.data.spec, cfg, seed=ctx.seed, device=ctx.device, batch_hook=self.batch_hook(ctx, trigger), progress=ctx.progress, checkpoint=ctx.checkpoint("victim"), desc=f"{self.name} victim")
+        train(model, ctx.data.train, ctx.data.spec, cfg, seed=ctx.seed, device=ctx.device, hooks=self.hooks(ctx, trigger), progress=ctx.progress, checkpoint=ctx.checkpoint("victim"), desc=f"{self.name} victim")
         test = ctx.data.test
-        return AttackResult(model, trigger(to_float(test.x)), test.y, trigger)
+        return AttackResult(model, to_uint8(trigger(to_float(test.x))), test.y, trigger)
+
+
+class PoisonBatches(TrainHooks):
+    """Apply ``trigger`` to the first ``rate`` of every (shuffled) batch and relabel those with ``label``."""
+
+    def __init__(self, trigger: Trigger, rate: float, label) -> None:
+        self.trigger, self.rate, self.label = trigger, rate, label
+
+    def batch(self, x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        k = int(round(self.rate * len(y)))
+        if k == 0:
+            return x, y
+        x, y = x.clone(), y.clone()
+        x[:k] = self.trigger(x[:k])
+        y[:k] = self.label(y[:k])
+        return x, y
 
 
 class ModelModificationAttack(Attack):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..validate import check_choice, check_fraction
-from .base import ATTACKS, AttackContext, AttackParams, PoisoningAttack
+from .base import ATTACKS, AttackContext, PoisonParams, PoisoningAttack
 from .triggers import MaskPatternTrigger, Trigger
 
 # scikit-image sample photos bundled with the package (no download needed), plus seeded noise
@@ -27,7 +27,7 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights to turn an RGB photo into one 
 
 
 @dataclass
-class BlendedParams(AttackParams):
+class BlendedParams(PoisonParams):
     """``alpha``: blend weight α of the trigger (paper: 0.2). ``image``: a name in ``BLEND_IMAGES``
     (default ``astronaut``, our choice: the paper's Hello Kitty photo is not available offline)."""
 

@@ -9,8 +9,10 @@ prediction on the training mini-batch, as in the authors' code); keep the ``filt
 of U with the most events, refill U at random from the eligible samples not kept. The pool after the
 last round is poisoned for the victim. ``rounds = 0`` is plain random selection.
 
-Forgetting events are recorded inside the shared trainer through its ``loss_fn(logits, y, idx)``
-hook (:class:`ForgettingCounter`), so there is no second training loop.
+Forgetting events are recorded inside the shared trainer through its ``loss`` hook
+(:class:`ForgettingCounter`), so there is no second training loop. The selection models are the
+attacker's surrogates: each round's model is initialised and shuffled with its own
+:func:`derived_seed`, never the victim's.
 
 Our choices where the paper leaves room: each round trains the victim's own setting (architecture,
 recipe and ``restrict``) for ``select_epochs`` epochs (paper: the full 70-epoch schedule; default
@@ -31,10 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..train.trainer import train
+from ..models import Classifier
+from ..train.trainer import Forward, TrainHooks, train
 from ..validate import check_choice
 from .badnets import BadNetsParams
-from .base import ATTACKS, AttackContext, AttackResult, PoisoningAttack, choose_random, eligible_for_poison
+from .base import ATTACKS, AttackContext, AttackResult, PoisoningAttack, choose_random, derived_seed, eligible_for_poison
 from .blended import BlendedParams
 from .triggers import Trigger
 
@@ -63,8 +66,8 @@ class DataEfficientParams(BadNetsParams, BlendedParams):
             raise ConfigError("select_epochs", f"must be >= 1, got {self.select_epochs}")
 
 
-class ForgettingCounter:
-    """Forgetting events of tracked training samples, fed from the trainer's ``loss_fn`` hook.
+class ForgettingCounter(TrainHooks):
+    """Forgetting events of tracked training samples, fed from the trainer's ``loss`` hook.
 
     ``tracked`` are indices into the training set. Each time a tracked sample is seen, it counts one
     event if it was classified correctly when last seen and is misclassified now; with one visit per
@@ -88,9 +91,10 @@ class ForgettingCounter:
         self.last[p] = c
         self.seen[p] += 1
 
-    def __call__(self, logits: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+    def loss(self, model: Classifier, x: Tensor, y: Tensor, idx: Tensor, forward: Forward) -> tuple[Tensor, Tensor]:
+        logits = forward(x)
         self.record(idx, logits.detach().argmax(1) == y)
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y), logits
 
 
 def most_forgotten(events: Tensor, keep: int, generator: torch.Generator) -> Tensor:
@@ -127,9 +131,10 @@ class DataEfficient(PoisoningAttack):
             gen.set_state(st["generator"])
         for r in range(len(self.rounds_log), self.p.rounds):
             counter = ForgettingCounter(len(y), chosen, ctx.device)
-            model, cfg = self.victim(ctx)
+            seed = derived_seed(ctx.seed, f"data-efficient/surrogate/{r + 1}")
+            model, cfg = self.victim(ctx, seed)
             train(model, self.poison(ctx, trigger, chosen), ctx.data.spec, replace(cfg, epochs=self.p.select_epochs),
-                  seed=ctx.seed + 1000 * (r + 1), device=ctx.device, loss_fn=counter, progress=ctx.progress, desc=f"FUS round {r + 1}/{self.p.rounds}")
+                  seed=seed, device=ctx.device, hooks=counter, progress=ctx.progress, desc=f"FUS round {r + 1}/{self.p.rounds}")
             ev = counter.events.cpu()
             keep = most_forgotten(ev, n_keep, gen)
             kept = chosen[keep]

@@ -13,7 +13,7 @@ the share ``near_top`` deepest inside it (largest target margin of the new head)
 docs/results.md §1 (Fashion-MNIST, seed 0: 64.3% at 128/255 before, 92.6% at 96/255 after).
 
 Our choices where the paper's values were lost (all parameters): the angle thresholds, ε = 8/255
-style budgets, PGD steps, the share of target-class features replaced (``poison_rate``), the
+style budgets, PGD steps, the share of target-class features replaced (``replace_share``), the
 head's fine-tuning recipe, neighbour method ("potential", AE-OT's; the paper's "nearest mass
 centres" is ``neighbour_method=centroid``, near-random in 512-d with few samples per cell), the
 Z_near region and share (``near_region``, ``near_top``).
@@ -21,7 +21,7 @@ Z_near region and share (``near_region``, ``near_top``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -42,7 +42,7 @@ from .mmlm_codes import finetune_head, fit_ot, near_codes, poisoned_features, se
 
 @dataclass
 class MMLMParams(AttackParams):
-    poison_rate: float = 1.0  # share of the target class's training features replaced by Z_far codes
+    replace_share: float = 1.0  # share of the target class's training features replaced by Z_far codes
     epsilon: float = 8 / 255  # L∞ budget of the poisoned test images (pixels in [0,1]); our choice
     pgd_steps: int = 100
     pgd_step_size: float | None = None
@@ -73,8 +73,7 @@ class MMLMParams(AttackParams):
         super().validate(num_classes)
         if self.target_mode != "all-to-one":
             raise ConfigError("target_mode", "MMLM is an all-to-one attack (the paper leaves all-to-all to future work)")
-        if self.restrict != "none":
-            raise ConfigError("restrict", "MMLM already changes only the head; leave restrict at 'none'")
+        check_rate("replace_share", self.replace_share)
         check_epsilon("epsilon", self.epsilon)
         check_epsilon("ablation_epsilon", self.ablation_epsilon)
         check_choice("near_region", self.near_region, ("expansion", "target"))
@@ -115,7 +114,7 @@ class MMLM(ModelModificationAttack):
         sub = stratified_indices(train_y, p.ot_points, ctx.seed) if 0 < p.ot_points < len(train_y) else torch.arange(len(train_y))
         ot, ot_res = fit_ot(feats[sub], p, ctx.seed, dev, ctx.progress)
         n_target = int((train_y == p.target).sum())
-        n_far = max(1, round(p.poison_rate * n_target))
+        n_far = max(1, round(p.replace_share * n_target))
         codes = select_codes(ot, feats[sub], train_y[sub], p, n_far, ctx.seed)
         data, replaced = poisoned_features(feats, train_y, codes.z_far, p.target, ctx.seed)
         head_cfg = TrainConfig(epochs=p.head_epochs, batch_size=p.head_batch_size, lr=p.head_lr, weight_decay=0.0, schedule="cosine", augment=False, amp="off")

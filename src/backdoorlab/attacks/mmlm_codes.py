@@ -91,7 +91,7 @@ def near_codes(model: Classifier, clean: Classifier, codes: LatentCodes, target:
         inside &= clean.head(pool).argmax(1) != target
         codes.stats["z_near_in_expansion"] = int(inside.sum())
     if not bool(inside.any()):
-        raise BackdoorLabError(f"no Z_near candidate lies in the fine-tuned target {region}; raise poison_rate or head_epochs, or use near_region=target")
+        raise BackdoorLabError(f"no Z_near candidate lies in the fine-tuned target {region}; raise replace_share or head_epochs, or use near_region=target")
     others = logits.clone()
     others[:, target] = float("-inf")
     margin = (logits[:, target] - others.max(1).values).cpu()

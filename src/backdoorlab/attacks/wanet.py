@@ -27,13 +27,13 @@ from torch import Tensor
 from ..data.core import to_float
 from ..errors import ConfigError
 from ..train.evaluate import predict
-from ..train.trainer import BatchHook
-from .base import ATTACKS, AttackContext, AttackParams, AttackResult, TrainingAttack
+from ..train.trainer import TrainHooks
+from .base import ATTACKS, AttackContext, PoisonParams, AttackResult, TrainingAttack
 from .triggers import Trigger, WarpTrigger
 
 
 @dataclass
-class WaNetParams(AttackParams):
+class WaNetParams(PoisonParams):
     """``k``: control-grid size (paper: 4); ``s``: warp strength (paper: 0.5); ``cross_ratio``:
     ρ_n / ρ_a (paper: 2); ``grid_rescale``: the authors' code's extra factor (1)."""
 
@@ -104,24 +104,8 @@ class WaNet(TrainingAttack):
         field = control_field(self.p.k, h, w, torch.Generator().manual_seed(ctx.seed))
         return WarpTrigger(backdoor_grid(field, self.p.s, self.p.grid_rescale))
 
-    def batch_hook(self, ctx: AttackContext, trigger: Trigger) -> BatchHook:
-        nc = ctx.data.spec.num_classes
-        grid: Tensor = trigger.grid  # type: ignore[assignment]
-
-        def hook(x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-            n_bd = int(len(y) * self.p.poison_rate)  # the batch is shuffled: its head is a random subset
-            n_cross = min(int(n_bd * self.p.cross_ratio), len(y) - n_bd)
-            if n_bd + n_cross == 0:
-                return x, y
-            x, y = x.clone(), y.clone()
-            x[:n_bd] = trigger(x[:n_bd])
-            y[:n_bd] = self.labels(y[:n_bd], nc)
-            if n_cross:
-                g = noise_grids(grid.to(x.device), n_cross)  # global RNG: seeded and checkpointed by the trainer
-                x[n_bd : n_bd + n_cross] = WarpTrigger(g)(x[n_bd : n_bd + n_cross])
-            return x, y
-
-        return hook
+    def hooks(self, ctx: AttackContext, trigger: Trigger) -> TrainHooks:
+        return WaNetBatches(self, ctx.data.spec.num_classes, trigger)
 
     def run(self, ctx: AttackContext) -> AttackResult:
         res = super().run(ctx)
@@ -131,3 +115,24 @@ class WaNet(TrainingAttack):
         res.metrics["noise_mode_accuracy"] = float((predict(res.model, x_noise) == test.y.cpu()).float().mean())
         res.metrics.update(warp_shift_pixels(res.trigger.grid.cpu()))  # type: ignore[union-attr]
         return res
+
+
+class WaNetBatches(TrainHooks):
+    """Each batch: ρ_a backdoor-warped and relabelled, then ρ_n noise-mode warped with true labels."""
+
+    def __init__(self, attack: WaNet, num_classes: int, trigger: Trigger) -> None:
+        self.attack, self.nc, self.trigger = attack, num_classes, trigger
+
+    def batch(self, x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.attack.p
+        n_bd = int(len(y) * p.poison_rate)  # the batch is shuffled: its head is a random subset
+        n_cross = min(int(n_bd * p.cross_ratio), len(y) - n_bd)
+        if n_bd + n_cross == 0:
+            return x, y
+        x, y = x.clone(), y.clone()
+        x[:n_bd] = self.trigger(x[:n_bd])
+        y[:n_bd] = self.attack.labels(y[:n_bd], self.nc)
+        if n_cross:
+            g = noise_grids(self.trigger.grid.to(x.device), n_cross)  # global RNG: seeded and checkpointed by the trainer
+            x[n_bd : n_bd + n_cross] = WarpTrigger(g)(x[n_bd : n_bd + n_cross])
+        return x, y

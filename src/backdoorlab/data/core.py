@@ -76,7 +76,9 @@ def to_float(x: Tensor) -> Tensor:
 
 
 def to_uint8(x: Tensor) -> Tensor:
-    """Float images in [0, 1] to uint8, rounding to the nearest level."""
+    """Float images in [0, 1] to uint8, rounding to the nearest level (uint8 images pass unchanged)."""
+    if x.dtype == torch.uint8:
+        return x
     return (x.clamp(0, 1) * 255.0).round_().to(torch.uint8)
 
 

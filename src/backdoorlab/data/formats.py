@@ -8,7 +8,8 @@ that names the path and describes the expected layout.
 
 Formats handled here: IDX (MNIST, Fashion-MNIST) and the CIFAR-10 python pickle
 batches. The image-folder formats (GTSRB, Tiny-ImageNet) live in
-:mod:`backdoorlab.data.formats_images`; they are re-exported from this module.
+:mod:`backdoorlab.data.formats_images`; they are re-exported from this module. What
+every loader returns and the checks they share are in :mod:`backdoorlab.data.raw`.
 
 The CIFAR-10 batches are pickles downloaded from the internet, so they are read
 with an unpickler that only resolves the few numpy globals an array needs.
@@ -21,13 +22,14 @@ import gzip
 import io
 import pickle
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from backdoorlab.data.formats_images import load_gtsrb, load_tiny_imagenet
+from backdoorlab.data.raw import RawSplits, _as_dir, _labels_tensor
 from backdoorlab.errors import ConfigError, DatasetError, UnknownNameError
 
 try:  # numpy >= 2
@@ -60,49 +62,6 @@ FASHION_MNIST_CLASSES = [
 ]
 # Where the Debian package ``dataset-fashion-mnist`` installs the gzipped IDX files.
 FASHION_MNIST_DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
-
-
-@dataclass
-class RawSplits:
-    """A dataset as decoded from disk: uint8 images ``(N, C, H, W)``, int64 labels ``(N,)``."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    class_names: list[str]
-
-    def __post_init__(self) -> None:
-        for split in ("train", "test"):
-            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
-            if x.dtype != torch.uint8 or x.dim() != 4:
-                raise ValueError(f"{split}_x must be a uint8 (N, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
-            if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise ValueError(f"{split}_y must be int64 (N,) with N={x.shape[0]}, got {y.dtype} {tuple(y.shape)}")
-        if self.train_x.shape[1:] != self.test_x.shape[1:]:
-            raise ValueError(f"train and test images differ in shape: {tuple(self.train_x.shape[1:])} "
-                             f"vs {tuple(self.test_x.shape[1:])}")
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def _as_dir(root: str | Path, layout: str) -> Path:
-    """``root`` as a Path; DatasetError (naming ``layout``) if it is not an existing folder."""
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise DatasetError(f"dataset folder {path} does not exist or is not a folder; expected {layout}")
-    return path
-
-
-def _labels_tensor(labels: np.ndarray, num_classes: int, where: str) -> torch.Tensor:
-    """int64 tensor of ``labels``; DatasetError naming ``where`` if any is outside ``[0, num_classes)``."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DatasetError(f"{where}: labels must lie in 0..{num_classes - 1}, "
-                           f"found {int(labels.min())}..{int(labels.max())}")
-    return torch.from_numpy(labels)
 
 
 # ---------------------------------------------------------------------------- IDX
@@ -305,23 +264,7 @@ def load_cifar10(root: str | Path) -> RawSplits:
                      torch.from_numpy(test_x.reshape(-1, 3, 32, 32)), torch.from_numpy(test_y), class_names)
 
 
-# ---------------------------------------------------------------------------- image folders, registry
-
-
-def load_gtsrb(root: str | Path, size: int = 32) -> RawSplits:
-    """GTSRB (official ``Final_Training`` / ``Final_Test`` layout), ROI-cropped and resized;
-    see :func:`backdoorlab.data.formats_images.load_gtsrb`."""
-    from backdoorlab.data.formats_images import load_gtsrb as _impl
-
-    return _impl(root, size=size)
-
-
-def load_tiny_imagenet(root: str | Path) -> RawSplits:
-    """Tiny-ImageNet-200 (train + val as the test split);
-    see :func:`backdoorlab.data.formats_images.load_tiny_imagenet`."""
-    from backdoorlab.data.formats_images import load_tiny_imagenet as _impl
-
-    return _impl(root)
+# ---------------------------------------------------------------------------- registry (GTSRB and Tiny-ImageNet: formats_images)
 
 
 LOADERS: dict[str, Callable[..., RawSplits]] = {

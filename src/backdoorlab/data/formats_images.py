@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backdoorlab.data.formats import RawSplits, _as_dir, _labels_tensor
+from backdoorlab.data.raw import RawSplits, _as_dir, _labels_tensor
 from backdoorlab.errors import DatasetError
 
 __all__ = ["load_gtsrb", "load_tiny_imagenet", "GTSRB_NUM_CLASSES"]

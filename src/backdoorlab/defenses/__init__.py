@@ -6,6 +6,7 @@ from . import fine_pruning  # noqa: F401  (registers)
 from . import neural_cleanse  # noqa: F401  (registers)
 from . import spectral_signatures  # noqa: F401  (registers)
 from . import strip  # noqa: F401  (registers)
-from .base import DEFENSES, Defense, DefenseContext, DefenseJob, DefenseKind, DefenseParams, run_defense
+from .base import DEFENSES, Defense, DefenseJob, DefenseKind, DefenseParams, run_defense
+from .view import DefenderView, GroundTruth, load_case
 
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseJob", "DefenseKind", "DefenseParams", "run_defense"]
+__all__ = ["DEFENSES", "DefenderView", "Defense", "DefenseJob", "DefenseKind", "DefenseParams", "GroundTruth", "load_case", "run_defense"]

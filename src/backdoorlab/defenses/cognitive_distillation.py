@@ -11,8 +11,8 @@ the same as one optimiser per input). Score = ||m||_1 (low = poisoned).
 
 As for STRIP, the threshold is fixed on the defender's clean held-out inputs only (the
 ``frr_target`` = 1% lowest L1 norms are rejected); reported: ``auroc``, ``frr``, ``far``, mean
-norms and the histogram of the mask L1 norms of clean vs poisoned inputs. At most ``max_inputs``
-clean and as many poisoned evaluation inputs are scored (default 1000 each, our choice).
+norms and the histogram of the mask L1 norms of clean vs poisoned inputs, over the inputs the job
+presents (``DefenseJob.max_inputs`` clean and as many poisoned, default 1,000 each).
 
 Measured limit (docs/results.md §6, ``benchmarks/bench_cd_premise.py``): on MNIST-5k and
 Fashion-MNIST, BadNets inputs get masks about as large as clean ones (AUROC 0.53-0.78 with the
@@ -34,8 +34,9 @@ from ..data.core import to_float
 from ..errors import ConfigError
 from ..models import Classifier
 from ..validate import check_positive, check_rate
-from .base import DEFENSES, DefenseContext, DefenseParams, check_int, frozen
+from .base import DEFENSES, DefenseParams, check_int, frozen
 from .input_detection import ScoreDetector
+from .view import DefenderView
 
 
 @dataclass
@@ -48,13 +49,11 @@ class CognitiveDistillationParams(DefenseParams):
     beta: float = 1.0  # weight of TV(m)
     p_init: float = 1.0
     frr_target: float = 0.01
-    max_inputs: int = 1000  # (choice) per group; 0 = all
     batch_size: int = 256
 
     def validate(self) -> None:
         check_int("steps", self.steps)
         check_int("batch_size", self.batch_size)
-        check_int("max_inputs", self.max_inputs, 0)
         check_positive("lr", self.lr)
         check_rate("frr_target", self.frr_target)
         for f in ("beta1", "beta2"):
@@ -112,5 +111,5 @@ class CognitiveDistillation(ScoreDetector):
     headline = ("auroc", "frr", "far", "mean_l1_clean", "mean_l1_poisoned")
     p: CognitiveDistillationParams
 
-    def scores(self, ctx: DefenseContext, x: Tensor, g: torch.Generator) -> Tensor:
-        return distill_masks(ctx.model, x, self.p, g, ctx.device).flatten(1).sum(1)
+    def scores(self, view: DefenderView, x: Tensor, g: torch.Generator) -> Tensor:
+        return distill_masks(view.model, x, self.p, g, view.device).flatten(1).sum(1)

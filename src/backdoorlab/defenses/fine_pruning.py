@@ -28,11 +28,11 @@ from torch import Tensor, nn
 
 from ..models import Classifier
 from ..plots import line_plot
-from ..train.evaluate import attack_success_rate, predict
+from ..train.evaluate import attack_success_rate, batched, predict
 from ..train.trainer import TrainConfig, train
 from ..validate import check_fraction, check_positive
-from ..train.evaluate import batched
-from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams, check_int
+from .base import DEFENSES, Defense, DefenseKind, DefenseParams, check_int
+from .view import DefenderView, GroundTruth
 
 
 @dataclass
@@ -82,56 +82,59 @@ class FinePruning(Defense):
     headline = ("pruned_fraction", "clean_accuracy_pruned", "attack_success_rate_pruned", "clean_accuracy", "attack_success_rate", "fraction_asr_halved", "clean_accuracy_asr_halved")
     p: FinePruningParams
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
-        model = ctx.copy_model()
-        stage = model.conv_stage
-        to_stage = lambda x: model.forward_to(x, stage)  # noqa: E731
-        hold, ev = ctx.heldout, ctx.evaluation
-        px, py = ctx.eval_poisoned()
-        h_hold, h_ev, h_px = (batched(to_stage, model, x) for x in (hold.x, ev.x, px))
-        act = h_hold.transpose(0, 1).flatten(1).mean(1)  # mean activation per channel on clean data
-        order = act.argsort()
+    def decide(self, view: DefenderView) -> dict[str, Any]:
+        model = view.copy_model()
+        stage, hold = model.conv_stage, view.heldout
+        h_hold = batched(lambda x: model.forward_to(x, stage), model, hold.x)
+        order = h_hold.transpose(0, 1).flatten(1).mean(1).argsort()  # mean activation per channel on clean data
         n_ch = len(order)
         counts = list(range(0, n_ch + 1, self.p.step))
         if counts[-1] != n_ch:
             counts.append(n_ch)
-        curve: dict[str, list[float]] = {"fraction": [], "heldout_accuracy": [], "clean_accuracy": [], "attack_success_rate": []}
-        for k in counts:
-            keep = torch.ones(n_ch)
-            keep[order[:k]] = 0
-            head = _AfterStage(model, stage, keep.to(ctx.device))
-            curve["fraction"].append(k / n_ch)
-            curve["heldout_accuracy"].append(float((predict(head, h_hold) == hold.y.cpu()).float().mean()))
-            curve["clean_accuracy"].append(float((predict(head, h_ev) == ev.y.cpu()).float().mean()))
-            curve["attack_success_rate"].append(attack_success_rate(head, h_px, py, ctx.target_mode, ctx.target, ctx.num_classes) if len(px) else float("nan"))  # type: ignore[arg-type]
-        base = curve["heldout_accuracy"][0]
-        ok = [i for i, (f, a) in enumerate(zip(curve["fraction"], curve["heldout_accuracy"])) if a >= base - self.p.max_accuracy_drop and f <= self.p.max_fraction]
-        chosen = max(ok)
-        k = counts[chosen]
-        keep = torch.ones(n_ch)
-        keep[order[:k]] = 0
-        handle = prune_hook(model, keep.to(ctx.device))
-        metrics: dict[str, Any] = {
-            "pruned_channels": k,
-            "channels": n_ch,
-            "pruned_fraction": k / n_ch,
-            "clean_accuracy_pruned": ctx.clean_accuracy(model),
-            "attack_success_rate_pruned": ctx.attack_success_rate(model),
-            "min_attack_success_rate_on_curve": min(curve["attack_success_rate"]),
-        }
-        halved = [i for i, r in enumerate(curve["attack_success_rate"]) if r <= 0.5 * curve["attack_success_rate"][0]]
-        metrics["fraction_asr_halved"] = curve["fraction"][halved[0]] if halved else None  # ground truth, for the report
-        metrics["clean_accuracy_asr_halved"] = curve["clean_accuracy"][halved[0]] if halved else None
+        held_acc = [float((predict(_AfterStage(model, stage, keep_mask(order, k).to(view.device)), h_hold) == hold.y.cpu()).float().mean()) for k in counts]
+        ok = [i for i, k in enumerate(counts) if held_acc[i] >= held_acc[0] - self.p.max_accuracy_drop and k / n_ch <= self.p.max_fraction]
+        k = counts[max(ok)]
+        handle = prune_hook(model, keep_mask(order, k).to(view.device))
         if self.p.finetune_epochs > 0:
             cfg = TrainConfig(epochs=self.p.finetune_epochs, batch_size=self.p.finetune_batch_size, lr=self.p.finetune_lr, schedule="none", augment=self.p.finetune_augment)
-            train(model, hold, ctx.data.spec, cfg, seed=ctx.seed, device=ctx.device, progress=ctx.progress, desc="fine-pruning fine-tune")
-        metrics["clean_accuracy"] = ctx.clean_accuracy(model)
-        metrics["attack_success_rate"] = ctx.attack_success_rate(model)
+            train(model, hold, view.spec, cfg, seed=view.seed, device=view.device, progress=view.progress, desc="fine-pruning fine-tune")
+        return {"pruned_channels": k, "channels": n_ch, "pruned_fraction": k / n_ch, "stage": stage, "levels": counts,
+                "heldout_accuracy": held_acc, "channel_order": order, "_model": model, "_hook": handle}
+
+    def score(self, view: DefenderView, decision: dict[str, Any], truth: GroundTruth) -> dict[str, Any]:
+        model, stage, order, n_ch = view.copy_model(), decision["stage"], decision["channel_order"], decision["channels"]
+        ev = truth.evaluation
+        h_ev, h_px = (batched(lambda x: model.forward_to(x, stage), model, x) for x in (ev.x, truth.poisoned))
+        curve: dict[str, list[float]] = {"fraction": [k / n_ch for k in decision["levels"]], "heldout_accuracy": decision["heldout_accuracy"], "clean_accuracy": [], "attack_success_rate": []}
+        for k in decision["levels"]:
+            head = _AfterStage(model, stage, keep_mask(order, k).to(view.device))
+            curve["clean_accuracy"].append(float((predict(head, h_ev) == ev.y.cpu()).float().mean()))
+            curve["attack_success_rate"].append(attack_success_rate(head, h_px, truth.poisoned_labels, truth.target_mode, truth.target, truth.num_classes) if len(h_px) else float("nan"))  # type: ignore[arg-type]
+        handle = prune_hook(model, keep_mask(order, decision["pruned_channels"]).to(view.device))
+        fine_tuned = decision["_model"]
+        metrics: dict[str, Any] = {
+            "clean_accuracy_pruned": truth.clean_accuracy(model),
+            "attack_success_rate_pruned": truth.attack_success_rate(model),
+            "min_attack_success_rate_on_curve": min(curve["attack_success_rate"]),
+            "clean_accuracy": truth.clean_accuracy(fine_tuned),
+            "attack_success_rate": truth.attack_success_rate(fine_tuned),
+        }
         handle.remove()
+        decision["_hook"].remove()
+        halved = [i for i, r in enumerate(curve["attack_success_rate"]) if r <= 0.5 * curve["attack_success_rate"][0]]
+        metrics["fraction_asr_halved"] = curve["fraction"][halved[0]] if halved else None
+        metrics["clean_accuracy_asr_halved"] = curve["clean_accuracy"][halved[0]] if halved else None
         metrics["curve"] = curve
-        path = ctx.plot_path("fine_pruning_curve.png")
+        path = view.plot_path("fine_pruning_curve.png")
         if path is not None:
             line_plot(curve["fraction"], {"clean acc. (evaluation)": curve["clean_accuracy"], "ASR (evaluation)": curve["attack_success_rate"], "clean acc. (defender held-out)": curve["heldout_accuracy"]},
-                      path, f"fraction of {stage} channels pruned", "rate", title=f"Fine-pruning {k}/{n_ch}; fine-tuned: acc {metrics['clean_accuracy']:.3f}, ASR {metrics['attack_success_rate']:.3f}")
+                      path, f"fraction of {stage} channels pruned", "rate", title=f"Fine-pruning {decision['pruned_channels']}/{n_ch}; fine-tuned: acc {metrics['clean_accuracy']:.3f}, ASR {metrics['attack_success_rate']:.3f}")
             metrics["plot"] = path.name
         return metrics
+
+
+def keep_mask(order: Tensor, k: int) -> Tensor:
+    """1 for kept channels, 0 for the ``k`` least active (the first ``k`` of ``order``)."""
+    keep = torch.ones(len(order))
+    keep[order[:k]] = 0
+    return keep

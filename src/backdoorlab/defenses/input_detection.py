@@ -1,6 +1,7 @@
-"""Input-level detectors share one procedure: score every input (low score = poisoned), fix the
-threshold on the defender's clean held-out data only (the ``frr_target`` quantile), then report
-AUROC, FRR and FAR on the evaluation split and the score histograms of clean vs poisoned inputs."""
+"""Input-level detectors share one procedure: score every input (low score = poisoned) and fix the
+threshold on the defender's clean held-out data only (the ``frr_target`` quantile); the decision
+rejects the presented inputs beyond it. Scored with the truth: AUROC, FRR and FAR over the
+presented clean and poisoned inputs, and the score histograms of both."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ..plots import histograms
-from .base import Defense, DefenseContext, DefenseKind, detection_metrics, limit
+from .base import Defense, DefenseKind, detection_metrics, heldout_threshold
+from .view import DefenderView, GroundTruth
 
 
 class ScoreDetector(Defense):
@@ -20,28 +22,30 @@ class ScoreDetector(Defense):
     xlabel: ClassVar[str]
     title: ClassVar[str]
 
-    def scores(self, ctx: DefenseContext, x: Tensor, g: torch.Generator) -> Tensor:
+    def scores(self, view: DefenderView, x: Tensor, g: torch.Generator) -> Tensor:
         raise NotImplementedError
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
-        hold, ev = ctx.heldout, ctx.evaluation
-        px, _ = ctx.eval_poisoned()
-        k = self.p.max_inputs or None
-        clean_x, pois_x = ev.x[limit(len(ev), k, ctx.seed)], px[limit(len(px), k, ctx.seed + 1)]
-        g = torch.Generator().manual_seed(ctx.seed)
-        s = {name: self.scores(ctx, x, g) for name, x in (("heldout", hold.x), ("clean", clean_x), ("poisoned", pois_x))}
-        det = detection_metrics(-s["clean"], -s["poisoned"], -s["heldout"], self.p.frr_target)
-        n = self.score_name
+    def decide(self, view: DefenderView) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(view.seed)
+        held = self.scores(view, view.heldout.x, g)
+        s = self.scores(view, view.inputs, g)
+        thr = -heldout_threshold(-held, self.p.frr_target)  # scores are "low = poisoned"
+        return {f"{self.score_name}_threshold": thr, "scores": s, "heldout_scores": held, "rejected": s < thr,
+                "rejected_fraction": float((s < thr).float().mean()) if len(s) else float("nan")}
+
+    def score(self, view: DefenderView, decision: dict[str, Any], truth: GroundTruth) -> dict[str, Any]:
+        s, flag, n = decision["scores"], truth.inputs_poisoned, self.score_name
+        clean, pois = s[~flag], s[flag]
+        det = detection_metrics(-clean, -pois, -decision[f"{n}_threshold"])
         metrics: dict[str, Any] = {
-            "auroc": det["auroc"], "frr": det["frr"], "far": det["far"],
-            f"{n}_threshold": -det["threshold"],
-            f"mean_{n}_clean": float(s["clean"].mean()),
-            f"mean_{n}_poisoned": float(s["poisoned"].mean()) if len(pois_x) else float("nan"),
-            "scored_clean": len(clean_x), "scored_poisoned": len(pois_x),
+            **det,
+            f"mean_{n}_clean": float(clean.mean()) if len(clean) else float("nan"),
+            f"mean_{n}_poisoned": float(pois.mean()) if len(pois) else float("nan"),
+            "scored_clean": len(clean), "scored_poisoned": len(pois),
         }
-        path = ctx.plot_path(self.plot_file)
+        path = view.plot_path(self.plot_file)
         if path is not None:
-            histograms({"clean": s["clean"], "poisoned": s["poisoned"]}, path, self.xlabel,
+            histograms({"clean": clean, "poisoned": pois}, path, self.xlabel,
                        title=f"{self.title}: AUROC {det['auroc']:.3f}, FRR {det['frr']:.3f}, FAR {det['far']:.3f}")
             metrics["plot"] = path.name
         return metrics

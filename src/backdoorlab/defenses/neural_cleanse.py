@@ -34,7 +34,8 @@ from ..errors import ConfigError
 from ..models import Classifier
 from ..plots import image_grid
 from ..validate import check_positive, check_rate
-from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams, check_int, frozen, limit
+from .base import DEFENSES, Defense, DefenseKind, DefenseParams, check_int, frozen
+from .view import DefenderView, GroundTruth, limit
 
 EPS = 1e-7
 
@@ -154,11 +155,18 @@ def reverse_engineer(model: Classifier, x: Tensor, num_classes: int, p: NeuralCl
     return {"mask": best_mask.cpu(), "pattern": best_pat.cpu(), "l1": best_mask.flatten(1).sum(1).cpu(), "reached": reached.cpu(), "epochs": epochs.cpu()}
 
 
+def median(v: Tensor) -> Tensor:
+    """The median as the reference code computes it (numpy's): the mean of the two middle values
+    for an even count. ``torch.median`` returns the lower one, which inflates the anomaly index and
+    scores one label exactly 0."""
+    return torch.quantile(v.double(), 0.5)
+
+
 def anomaly_indices(l1: Tensor) -> tuple[Tensor, float]:
-    """|L1 - median| / (1.4826·MAD) per label, and the median."""
-    med = l1.median()
-    mad = 1.4826 * (l1 - med).abs().median()
-    return (l1 - med).abs() / mad.clamp_min(1e-12), float(med)
+    """|L1 - median| / (1.4826·MAD) per label (MAD = median of |L1 - median|), and the median."""
+    med = median(l1)
+    mad = 1.4826 * median((l1.double() - med).abs())
+    return ((l1.double() - med).abs() / mad.clamp_min(1e-12)).float(), float(med)
 
 
 @DEFENSES.register("neural-cleanse")
@@ -170,32 +178,36 @@ class NeuralCleanse(Defense):
     headline = ("anomaly_index", "flagged_labels", "target_anomaly_index")
     p: NeuralCleanseParams
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
-        x = ctx.heldout.x
-        x = x[limit(len(x), self.p.max_images or None, ctx.seed)]
-        rev = reverse_engineer(ctx.model, x, ctx.num_classes, self.p, ctx.seed, ctx.device)
+    def decide(self, view: DefenderView) -> dict[str, Any]:
+        x = view.heldout.x
+        x = x[limit(len(x), self.p.max_images or None, view.seed)]
+        rev = reverse_engineer(view.model, x, view.num_classes, self.p, view.seed, view.device)
         idx, med = anomaly_indices(rev["l1"])
         flagged = (idx > self.p.anomaly_threshold) & (rev["l1"] < med)
         low = int(rev["l1"].argmin())
-        metrics: dict[str, Any] = {
+        decision: dict[str, Any] = {
             "anomaly_index": float(idx[low]),
             "smallest_l1_label": low,
             "flagged_labels": torch.nonzero(flagged).flatten().tolist(),
             "detected": bool(flagged.any()),
-            "target_flagged": bool(flagged[ctx.target]) if ctx.target_mode == "all-to-one" else None,
-            "target_anomaly_index": float(idx[ctx.target]),
             "median_l1": med,
             "l1": rev["l1"].tolist(),
             "anomaly_index_per_label": idx.tolist(),
             "reached_success": rev["reached"].tolist(),
             "epochs": rev["epochs"].tolist(),
             "images": len(x),
+            "masks": rev["mask"], "patterns": rev["pattern"],
         }
-        path = ctx.plot_path("neural_cleanse_triggers.png")
+        path = view.plot_path("neural_cleanse_triggers.png")
         if path is not None:
             order = rev["l1"].argsort()[:16]
             m, pt = rev["mask"][order], rev["pattern"][order]
             image_grid([m, pt, m * pt], ["mask", "pattern", "mask·pattern"], path, n=len(order),
-                       title=f"reversed triggers, labels by L1: {order.tolist()}; anomaly index {metrics['anomaly_index']:.2f}, flagged {metrics['flagged_labels']}")
-            metrics["plot"] = path.name
-        return metrics
+                       title=f"reversed triggers, labels by L1: {order.tolist()}; anomaly index {decision['anomaly_index']:.2f}, flagged {decision['flagged_labels']}")
+            decision["plot"] = path.name
+        return decision
+
+    def score(self, view: DefenderView, decision: dict[str, Any], truth: GroundTruth) -> dict[str, Any]:
+        t = truth.target
+        return {"target_flagged": t in decision["flagged_labels"] if truth.target_mode == "all-to-one" else None,
+                "target_anomaly_index": decision["anomaly_index_per_label"][t]}

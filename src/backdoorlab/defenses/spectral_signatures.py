@@ -1,7 +1,8 @@
 """Spectral Signatures (Tran, Li and Madry 2018, "Spectral Signatures in Backdoor Attacks"): poisoned
 samples leave a trace along the top singular direction of their class's centred representations.
 
-Per class (by the delivered label) of the inspected set (the training set as delivered): the
+Per class (by the defender's label: as delivered in the training set, or the model's prediction on
+the presented test inputs for an attack that leaves the training set clean) of the inspected set: the
 penultimate representations r_i (``model.features``) are centred, v is the top right singular
 vector of the centred matrix, and each sample scores |<v, r_i - mean>|.
 
@@ -35,7 +36,8 @@ from threadpoolctl import threadpool_limits
 from ..metrics.ranking import auroc
 from ..plots import histograms
 from ..validate import check_choice, check_positive, check_rate
-from .base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseParams
+from .base import DEFENSES, Defense, DefenseKind, DefenseParams
+from .view import DefenderView, GroundTruth
 from ..train.evaluate import features
 
 
@@ -79,40 +81,43 @@ class SpectralSignatures(Defense):
     headline = ("auroc", "recall", "precision", "target_class_precision")
     p: SpectralSignaturesParams
 
-    def run(self, ctx: DefenseContext) -> dict[str, Any]:
-        data, flag, source = ctx.inspected_set()
+    def decide(self, view: DefenderView) -> dict[str, Any]:
+        data, hold = view.inspected, view.heldout
         y = data.y.cpu()
-        reps, hold = features(ctx.model, data.x), ctx.heldout
-        by_centre = {"class": spectral_scores(reps, y, ctx.num_classes),
-                     "heldout": spectral_scores(reps, y, ctx.num_classes, features(ctx.model, hold.x), hold.y.cpu())}
+        reps = features(view.model, data.x)
+        by_centre = {"class": spectral_scores(reps, y, view.num_classes),
+                     "heldout": spectral_scores(reps, y, view.num_classes, features(view.model, hold.x), hold.y.cpu())}
         scores = by_centre[self.p.centre]
         removed = torch.zeros(len(y), dtype=torch.bool)
-        counts = torch.bincount(y, minlength=ctx.num_classes)
-        for c in range(ctx.num_classes):
+        counts = torch.bincount(y, minlength=view.num_classes)
+        for c in range(view.num_classes):
             members = torch.nonzero(y == c).flatten()
             k = min(len(members), math.ceil(self.p.removal_factor * self.p.assumed_poison_rate * int(counts[c])))
             if k:
                 removed[members[scores[members].topk(k).indices]] = True
+        return {"centre": self.p.centre, "removed": int(removed.sum()), "removed_per_class": [int((removed & (y == c)).sum()) for c in range(view.num_classes)],
+                "removed_mask": removed, "scores": scores, "scores_class_centred": by_centre["class"], "scores_heldout_centred": by_centre["heldout"]}
+
+    def score(self, view: DefenderView, decision: dict[str, Any], truth: GroundTruth) -> dict[str, Any]:
+        y, flag = view.inspected.y.cpu(), truth.inspected_poisoned
+        removed, scores = decision["removed_mask"], decision["scores"]
         hit = int((removed & flag).sum())
         poisoned_classes = torch.unique(y[flag])
         in_pc = torch.isin(y, poisoned_classes)
         f_pc = flag[in_pc]
-        aurocs = {k: auroc(v[in_pc][~f_pc], v[in_pc][f_pc]) if f_pc.any() and (~f_pc).any() else float("nan") for k, v in by_centre.items()}
+        aurocs = {k: auroc(decision[f"scores_{k}_centred"][in_pc][~f_pc], decision[f"scores_{k}_centred"][in_pc][f_pc]) if f_pc.any() and (~f_pc).any() else float("nan")
+                  for k in ("class", "heldout")}
+        t = y == truth.target
         metrics: dict[str, Any] = {
-            "inspected": source,
-            "removed": int(removed.sum()),
             "recall": hit / max(1, int(flag.sum())),
             "precision": hit / max(1, int(removed.sum())),
             "auroc": aurocs[self.p.centre],
-            "auroc_all_classes": auroc(scores[~flag], scores[flag]) if flag.any() else float("nan"),
-            "centre": self.p.centre,
+            "auroc_all_classes": auroc(scores[~flag], scores[flag]) if flag.any() and (~flag).any() else float("nan"),
             **{f"auroc_{k}_centred": v for k, v in aurocs.items()},
-            "target_class_precision": int((removed & flag & (y == ctx.target)).sum()) / max(1, int((removed & (y == ctx.target)).sum())),
-            "removed_per_class": [int((removed & (y == c)).sum()) for c in range(ctx.num_classes)],
+            "target_class_precision": int((removed & flag & t).sum()) / max(1, int((removed & t).sum())),
         }
-        path = ctx.plot_path("spectral_signatures_hist.png")
+        path = view.plot_path("spectral_signatures_hist.png")
         if path is not None:
-            t = y == ctx.target
-            histograms({"clean": scores[t & ~flag], "poisoned": scores[t & flag]}, path, f"|<v, r - μ>| (target class, {self.p.centre} centring)", title=f"Spectral signatures, class {ctx.target}: AUROC {metrics['auroc']:.3f}")
+            histograms({"clean": scores[t & ~flag], "poisoned": scores[t & flag]}, path, f"|<v, r - μ>| (target class, {self.p.centre} centring)", title=f"Spectral signatures, class {truth.target}: AUROC {metrics['auroc']:.3f}")
             metrics["plot"] = path.name
         return metrics

@@ -12,8 +12,8 @@ as one batch.
 The entropy threshold is fixed on clean data only: the ``frr_target`` = 1% quantile of the
 entropies of the held-out images, so 1% of the defender's clean inputs are rejected. Reported:
 ``frr`` (clean evaluation inputs rejected), ``far`` (poisoned evaluation inputs accepted), ``auroc``
-(clean vs poisoned, low entropy = poisoned) and the entropy histograms. At most ``max_inputs``
-clean and as many poisoned evaluation inputs are scored (default 1000 each, our choice).
+(clean vs poisoned, low entropy = poisoned) and the entropy histograms. The inputs scored are
+those the job presents (``DefenseJob.max_inputs`` clean and as many poisoned, default 1,000 each).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from torch import Tensor
 from ..data.core import to_float
 from ..models import Classifier
 from ..validate import check_rate
-from .base import DEFENSES, DefenseContext, DefenseParams, check_int
+from .base import DEFENSES, DefenseParams, check_int
 from .input_detection import ScoreDetector
+from .view import DefenderView
 
 
 @dataclass
@@ -36,13 +37,11 @@ class StripParams(DefenseParams):
     n_overlays: int = 100
     superimpose: Literal["add", "blend"] = "add"
     frr_target: float = 0.01
-    max_inputs: int = 1000  # (choice) per group; 0 = all
     chunk: int = 32  # inputs per forward batch (chunk x n_overlays images)
 
     def validate(self) -> None:
         check_int("n_overlays", self.n_overlays)
         check_rate("frr_target", self.frr_target)
-        check_int("max_inputs", self.max_inputs, 0)
         check_int("chunk", self.chunk)
 
 
@@ -73,8 +72,8 @@ class Strip(ScoreDetector):
     headline = ("auroc", "frr", "far")
     p: StripParams
 
-    def scores(self, ctx: DefenseContext, x: Tensor, g: torch.Generator) -> Tensor:
-        return strip_entropy(ctx.model, x, ctx.heldout.x, self.p.n_overlays, self.p.superimpose, self.p.chunk, g, ctx.device)
+    def scores(self, view: DefenderView, x: Tensor, g: torch.Generator) -> Tensor:
+        return strip_entropy(view.model, x, view.heldout.x, self.p.n_overlays, self.p.superimpose, self.p.chunk, g, view.device)
 
     @property
     def title(self) -> str:  # type: ignore[override]

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .report import Context, check_where
+from .context import Context, check_where
 from .spec import slug
 from .table import CELL_KINDS, matches, mean_std, sort_keys
 

@@ -178,7 +178,7 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
 
     for i, df in enumerate(exp.defenses):
         try:
-            check_defense(DefenseJob(df.name, str(root / "not-yet-run"), heldout_fraction=df.heldout_fraction, heldout_seed=df.heldout_seed, params=dict(df.params)))
+            check_defense(DefenseJob(df.name, str(root / "not-yet-run"), heldout_fraction=df.heldout_fraction, heldout_seed=df.heldout_seed, params=dict(df.params), max_inputs=df.max_inputs))
         except ConfigError as e:
             field_ = "name" if e.field == "defense" else e.field
             raise ConfigError(f"defenses[{i}].{field_}", str(e).split(": ", 1)[-1]) from None
@@ -203,12 +203,12 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
                             if df.attacks is not None and a.label not in df.attacks:
                                 continue
                             did = f"defense/{base}/{slug(label)}/{slug(df.label)}/s{seed}"
-                            djob = DefenseJob(df.name, str(cell.dir), "backdoored", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params))
+                            djob = DefenseJob(df.name, str(cell.dir), "backdoored", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params), df.max_inputs)
                             cells.append(Cell(did, "defense", d.name, m.label, seed, djob, root / did, df.resources or exp.resources, (aid,), label, a.label, point, df.label))
                             if df.clean_model and df.label not in on_clean:
                                 # the clean model, inspected once through the first attack run it defends
                                 on_clean.add(df.label)
                                 cid = f"defense/{base}/{slug(CLEAN_MODEL)}/{slug(df.label)}/s{seed}"
-                                cjob = DefenseJob(df.name, str(cell.dir), "clean", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params))
+                                cjob = DefenseJob(df.name, str(cell.dir), "clean", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params), df.max_inputs)
                                 cells.append(Cell(cid, "defense", d.name, m.label, seed, cjob, root / cid, df.resources or exp.resources, (aid,), CLEAN_MODEL, CLEAN_MODEL, {}, df.label))
     return Grid(exp, out, cells)

@@ -108,6 +108,7 @@ class DefenseEntry:
     resources: Resources | None = None
     heldout_fraction: float = 0.2  # the defender's clean share of the test split (DefenseJob)
     heldout_seed: int = 0
+    max_inputs: int = 1000  # clean and poisoned test-time inputs presented to the defense, each (DefenseJob)
     clean_model: bool = False  # also run once per dataset, model and seed on the clean model (false-positive baseline)
 
 
@@ -249,7 +250,7 @@ def _defense(i: int, d: Any, groups: list[str]) -> DefenseEntry:
     if not isinstance(d, dict):
         name = _str(w, d)
         return DefenseEntry(name, name)
-    _keys(w, d, ("label", "name", "params", "attacks", "resources", "heldout_fraction", "heldout_seed", "clean_model"), ("name",))
+    _keys(w, d, ("label", "name", "params", "attacks", "resources", "heldout_fraction", "heldout_seed", "max_inputs", "clean_model"), ("name",))
     attacks = d.get("attacks")
     if attacks is not None:
         attacks = [str(x) for x in _list(w + ".attacks", attacks, required=True)]
@@ -262,7 +263,7 @@ def _defense(i: int, d: Any, groups: list[str]) -> DefenseEntry:
         if not isinstance(d["clean_model"], bool):
             raise ConfigError(w + ".clean_model", f"expected true/false, got {d['clean_model']!r}")
         held["clean_model"] = d["clean_model"]
-    for k, tp in (("heldout_fraction", float), ("heldout_seed", int)):
+    for k, tp in (("heldout_fraction", float), ("heldout_seed", int), ("max_inputs", int)):
         if k in d:
             try:
                 held[k] = tp(d[k])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 # decade edges of |change| for the Table-5-style histogram (our choice: the paper's milestone was lost)
 EDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, float("inf"))

@@ -76,6 +76,12 @@ class Classifier(nn.Module):
             h = mod(h)
         return h
 
+    def forward_range(self, h: Tensor, start: int, stop: int) -> Tensor:
+        """Run stages ``start`` .. ``stop - 1`` (0-based) on ``h``, the output of the first ``start``."""
+        for mod in list(self.stages.values())[start:stop]:
+            h = mod(h)
+        return h
+
     def features(self, x: Tensor) -> Tensor:
         return self.forward_to(x, len(self.stages) - 1)
 

@@ -8,20 +8,77 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.core import DatasetSpec, ImageSet, augment, iterate
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..models.base import Classifier
 from ..validate import check_positive
 from .evaluate import accuracy
 
-BatchHook = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class Forward:
+    """The model's forward pass as the loop runs it: frozen leading stages under ``no_grad`` (unless
+    the input itself needs a gradient, as a trigger generator's output does), inside the loop's
+    autocast. ``forward(x)`` gives logits; ``forward.with_features(x)`` gives (logits, penultimate
+    features), the pair that latent-space losses (WB's DSWD) need."""
+
+    def __init__(self, model: Classifier, frozen: int) -> None:
+        self.model, self.frozen = model, frozen
+
+    def _prefix(self, x: Tensor, stop: int) -> Tensor:
+        k = min(self.frozen, stop)
+        if not k:
+            return x
+        if x.requires_grad:
+            return self.model.forward_to(x, k)
+        with torch.no_grad():
+            return self.model.forward_to(x, k)
+
+    def with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        last = len(self.model.stages) - 1
+        feats = self.model.forward_range(self._prefix(x, last), min(self.frozen, last), last)
+        return self.model.head(feats).float(), feats.float()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.model.forward_from(self._prefix(x, self.frozen), self.frozen).float()
+
+
+class TrainHooks:
+    """Extension points of the one training loop; attacks and defenses override what they need.
+
+    Per batch, in this order: ``batch`` rewrites the augmented float batch (poison a fraction of it);
+    ``before_step`` runs a second optimiser's update first (a trigger generator trained with the
+    classifier); ``loss`` returns the classifier's loss and the logits it came from (default: mean
+    cross-entropy; ABL's isolation loss, a feature-matching term, gradient ascent for unlearning).
+    After each epoch ``end_epoch`` may switch stages or add entries to the epoch's record.
+    ``state_dict`` / ``load_state_dict`` carry the hooks' own state (a generator and its optimiser)
+    in the loop's checkpoint, so an interrupted run resumes in whichever stage it was.
+    """
+
+    def batch(self, x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        return x, y
+
+    def before_step(self, model: Classifier, x: Tensor, y: Tensor, idx: Tensor, forward: Forward) -> None:
+        pass
+
+    def loss(self, model: Classifier, x: Tensor, y: Tensor, idx: Tensor, forward: Forward) -> tuple[Tensor, Tensor]:
+        out = forward(x)
+        return nn.functional.cross_entropy(out, y), out
+
+    def end_epoch(self, model: Classifier, epoch: int, record: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 @dataclass
@@ -120,8 +177,7 @@ def train(
     *,
     seed: int = 0,
     device: torch.device | str | None = None,
-    batch_hook: BatchHook | None = None,
-    loss_fn: LossFn | None = None,
+    hooks: TrainHooks | None = None,
     eval_set: ImageSet | None = None,
     progress: bool = True,
     checkpoint: Path | None = None,
@@ -129,11 +185,12 @@ def train(
 ) -> TrainHistory:
     """Train ``model`` on ``data`` (uint8 images and the labels to learn) with one shared loop.
 
-    ``batch_hook(x, y, idx)`` may rewrite an augmented float batch (training-controlled attacks);
-    ``loss_fn(logits, y, idx)`` may replace the mean cross-entropy (e.g. ABL's isolation loss).
-    With ``checkpoint`` the loop saves its state after each epoch and resumes from it.
+    ``hooks`` (:class:`TrainHooks`) may rewrite batches, add a second optimiser's step, replace the
+    loss and act after each epoch. With ``checkpoint`` the loop saves its state (the hooks' too)
+    after each epoch and resumes from it.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    hooks = hooks if hooks is not None else TrainHooks()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device)
@@ -160,7 +217,9 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         start_epoch = int(state["epoch"])
         hist.epochs = list(state["history"])
+        hooks.load_state_dict(state.get("hooks", {}))
     data = data.to(device)
+    forward = Forward(model, k)
     do_augment = cfg.augment and data.x.dtype == torch.uint8  # feature views are never augmented
     bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
@@ -172,19 +231,12 @@ def train(
         for x, y, idx in iterate(data, cfg.batch_size, shuffle=True, generator=gen):
             if do_augment:
                 x = augment(x, spec, gen)
-            if batch_hook is not None:
-                x, y = batch_hook(x, y, idx)
+            x, y = hooks.batch(x, y, idx)
             if amp and cfg.channels_last != "off" and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
-                if k:
-                    with torch.no_grad():
-                        h = model.forward_to(x, k)
-                    out = model.forward_from(h, k)
-                else:
-                    out = model(x)
-                out = out.float()
-                loss = loss_fn(out, y, idx) if loss_fn is not None else nn.functional.cross_entropy(out, y)
+                hooks.before_step(model, x, y, idx, forward)
+                loss, out = hooks.loss(model, x, y, idx, forward)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -192,9 +244,12 @@ def train(
             tot_hit += (out.detach().argmax(1) == y).sum()
             tot_n += len(y)
         seen += tot_n
+        if not bool(torch.isfinite(tot_loss)):
+            raise TrainingError(f"{desc}: the loss became non-finite in epoch {epoch + 1} (lr {opt.param_groups[0]['lr']:g}); nothing was saved for this epoch: lower the learning rate")
         rec = {"epoch": epoch + 1, "loss": float(tot_loss) / max(1, tot_n), "train_accuracy": float(tot_hit) / max(1, tot_n), "lr": opt.param_groups[0]["lr"]}
         if eval_set is not None:
             rec["test_accuracy"] = accuracy(model, eval_set)
+        hooks.end_epoch(model, epoch + 1, rec)
         if sched is not None:
             sched.step(rec["loss"]) if cfg.schedule == "plateau" else sched.step()
         hist.epochs.append(rec)
@@ -204,7 +259,7 @@ def train(
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict() if sched is not None else None,
                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "epoch": epoch + 1, "history": hist.epochs,
+                "epoch": epoch + 1, "history": hist.epochs, "hooks": hooks.state_dict(),
             })
     hist.seconds = time.perf_counter() - t0
     hist.images_per_second = seen / hist.seconds if hist.seconds > 0 else 0.0
