@@ -127,6 +127,7 @@ def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bo
         ctx._clean = clean
     res = attack.run(ctx)
     res.poisoned_test = to_uint8(res.poisoned_test)  # every ASR is measured on what is delivered: 8-bit images
+    data = attack.evaluation_data(data)  # the task the attacked model serves (a transfer attack's student task)
     nc = data.spec.num_classes
     p = attack.p
     metrics: dict[str, Any] = {

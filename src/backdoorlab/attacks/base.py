@@ -149,6 +149,12 @@ class Attack(ABC):
     def labels(self, y: Tensor, num_classes: int) -> Tensor:
         return target_labels(y, self.p.target_mode, self.p.target, num_classes)
 
+    def evaluation_data(self, data: Dataset) -> Dataset:
+        """The data the attacked model is evaluated and defended on: ``data`` itself, unless the
+        victim serves another task built from it (a transfer attack's student task). The job's
+        metrics, the poisoned test labels and the defenses' held-out split all refer to it."""
+        return data
+
     @abstractmethod
     def run(self, ctx: AttackContext) -> AttackResult: ...
 

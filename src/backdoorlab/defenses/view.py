@@ -144,6 +144,14 @@ def limit(n: int, k: int | None, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
+def attack_of(cfg: dict) -> Any:
+    """The attack a run's config names, rebuilt from its recorded parameters."""
+    from ..attacks import ATTACKS
+
+    acls = ATTACKS.get(cfg["attack"])
+    return acls(build_params(acls.Params, cfg["params"]))
+
+
 def delivered_training_set(data: Dataset, cfg: dict, trigger: Trigger | None, poison_indices: Tensor) -> ImageSet:
     """The training set as the attacker delivered it, rebuilt with the attack's own ``poison`` (so
     clean-label attacks keep their labels); an attack that is not a registered poisoning attack
@@ -183,7 +191,7 @@ def load_case(
     path = check_run(run, model)
     cfg = json.loads((path / "config.json").read_text())
     device = torch.device(device)
-    data = load_dataset(cfg["dataset"], cfg.get("data_root"))
+    data = attack_of(cfg).evaluation_data(load_dataset(cfg["dataset"], cfg.get("data_root")))
     net = load_model(path / MODEL_FILES[model], device=device)
     test, spec = data.test, data.spec
     params = cfg["params"]
