@@ -251,7 +251,8 @@ def test_data_efficient_end_to_end_reports_its_rounds(tmp_path, clean_path):
 def test_wanet_end_to_end(tmp_path, clean_path):
     # the paper's s = 0.5 needs hundreds of epochs; a strong warp shows the mechanism in seconds
     m = _run(tmp_path, clean_path, "wanet", s=4.0, poison_rate=0.2, cross_ratio=1.0)
-    assert m["clean_accuracy"] > 0.8 and 0.0 <= m["noise_mode_accuracy"] <= 1.0
+    assert m["clean_accuracy"] > 0.8
+    assert m["noise_mode_accuracy"] > 0.5  # noise-mode warps keep their true labels (chance: 0.1)
     assert m["attack_success_rate"] > m["attack_success_rate_clean_model"] + 0.2
     assert 0 < m["warp_mean_shift_pixels"] < m["warp_max_shift_pixels"]
 

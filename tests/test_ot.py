@@ -69,17 +69,18 @@ def _small_cfg(**kw) -> OTConfig:
     return OTConfig(**base)
 
 
-def test_cached_and_uncached_give_identical_trajectories():
+def test_every_mode_gives_identical_trajectories():
     y = torch.randn(40, 6, generator=torch.Generator().manual_seed(2))
     runs = {}
-    for name, kw in {"cached": dict(cache=True), "uncached": dict(cache=False),
-                     "partly_cached": dict(cache=True, cache_memory=700 * 40 * 4 * 2)}.items():
+    for name, kw in {"cached": dict(cache=True, candidates=0), "uncached": dict(cache=False, candidates=0),
+                     "partly_cached": dict(cache=True, candidates=0, cache_memory=700 * 40 * 4 * 2),
+                     "candidates": dict(candidates=4), "candidates_uncached": dict(candidates=4, cache=False, refresh_fraction=0.05)}.items():
         ot = SemiDiscreteOT(y, _small_cfg(**kw))
         res = ot.fit()
         runs[name] = (ot.h.clone(), res.grad_norms, res.sample_counts, ot.n_samples)
     h0, norms0, counts0, n0 = runs["cached"]
     assert n0 > 1500 and max(counts0) > min(counts0)  # the sample set grew, several blocks in play
-    for name in ("uncached", "partly_cached"):
+    for name in ("uncached", "partly_cached", "candidates", "candidates_uncached"):
         h, norms, counts, n = runs[name]
         assert torch.equal(h, h0), name
         assert norms == norms0 and counts == counts0 and n == n0
@@ -95,6 +96,25 @@ def test_blocked_two_level_argmax_matches_plain_argmax():
     plain = (ot.samples @ ot.targets.t() + ot.h).argmax(1)
     assert torch.equal(ot.sample_assignments(), plain) and torch.equal(ot.assign(ot.samples), plain)
     assert int((plain >= 650).sum()) == 0 and int((plain < 50).sum()) > 0
+    full = SemiDiscreteOT(torch.cat([y, y[:50]]), OTConfig(n_samples=3000, block_size=1100, scaling="none", candidates=0))
+    full.h = ot.h
+    assert torch.equal(full.sample_assignments(), plain)
+
+
+def test_candidate_cells_fall_back_to_the_full_argmax_when_the_potential_moves():
+    from backdoorlab.ot.candidates import CandidateCells
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(500, 60, generator=g)
+    h0 = torch.zeros(60)
+    cand = CandidateCells(k=3, refresh_fraction=0.5)
+    cand.refresh(h0, 500, [(0, 250, s[:250]), (250, 500, s[250:])])
+    full = {}
+    for scale in (0.01, 0.5, 5.0):  # small moves: candidates decide; large ones: rows recomputed in full
+        h = torch.randn(60, generator=g) * scale
+        got, full[scale] = cand.assign(h, lambda rows: s[rows])
+        assert torch.equal(got, (s + h).argmax(1)), scale
+    assert full[0.01] == 0 and full[5.0] > 250 and cand.stale(500, full[5.0]) and not cand.stale(500, full[0.01])
 
 
 def _roundtrip(state: dict) -> dict:
@@ -150,9 +170,13 @@ def test_mixture_codes_lie_between_clusters(clusters_ot):
     same = labels.unsqueeze(1) == labels.unsqueeze(0)
     # premise: the threshold separates within-cluster from cross-cluster cell pairs
     assert pair[same].max() < theta < pair[~same].min()
-    yi, yj = ot.targets[0], ot.targets[-1]
-    manual = torch.acos((yi @ yj + 1) / ((yi @ yi + 1) * (yj @ yj + 1)).sqrt())
-    assert torch.isclose(pair[0, -1], manual, atol=1e-5)
+    angle = lambda yi, yj: torch.acos((yi @ yj + 1) / ((yi @ yi + 1) * (yj @ yj + 1)).sqrt())  # noqa: E731
+    assert torch.isclose(pair[0, -1], angle(y[0], y[-1]), atol=1e-5)  # the papers' space: the points themselves
+    scaled = cell_angles(ot, torch.tensor([0]), torch.tensor([ot.n - 1]), space="scaled")
+    assert torch.isclose(scaled[0], angle(ot.targets[0], ot.targets[-1]), atol=1e-5)
+    assert not torch.isclose(scaled[0], pair[0, -1], atol=1e-3)  # standardising changes the angles
+    with pytest.raises(ConfigError, match="angle_space"):
+        cell_angles(ot, 0, 1, space="other")
 
     mm = mode_mixture(ot, labels, 20_000, k=2, threshold=theta, seed=5)
     assert len(mm) == 20_000 and mm.codes.shape == (20_000, 2) and mm.neighbours.shape == (20_000, 1)

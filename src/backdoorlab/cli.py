@@ -133,7 +133,7 @@ def _train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=handler)
 
 
-ATTACK_KEYS = ["clean_accuracy_before", "clean_accuracy", "attack_success_rate", "attack_success_rate_clean_model", "changed_parameters", "changed_parameters_outside_head", "mean_perturbation_linf", "mean_perturbation_l2", "ssim", "psnr", "seconds"]
+ATTACK_KEYS = ["clean_accuracy_before", "clean_accuracy", "attack_success_rate", "attack_success_rate_clean_model", "changed_parameters", "changed_parameters_outside_head", "mean_perturbation_linf", "mean_perturbation_l2", "ssim", "psnr", "ot_grad_norm", "seconds"]
 
 
 @command
@@ -146,7 +146,7 @@ def _attack(sub: argparse._SubParsersAction) -> None:
             v = getattr(a, key)
             if v is not None:
                 params[key] = v
-        job = AttackJob(a.dataset, a.model, a.data_root, a.width, a.seed, a.device, _train_overrides(a), a.name, params, a.clean_model)
+        job = AttackJob(a.dataset, a.model, a.data_root, a.width, a.seed, a.device, _train_overrides(a), a.name, params, a.clean_model, cache_dir=a.cache_dir)
         m = run_attack(job, a.out, progress=not a.quiet, force=a.force)
         _print_metrics(m, ATTACK_KEYS + [k for k in m if k.startswith("required_perturbation")] + ["asr90_epsilon"])
         if m.get("asr_curve"):
@@ -166,6 +166,7 @@ def _attack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--restrict", default=None, help="none | finetune | head (train only the final layer of the clean model)")
     p.add_argument("--epsilon", type=float, default=None, help="L∞ budget in [0,1] for attacks that have one")
     p.add_argument("--clean-model", default=None, help="clean model file to start from")
+    p.add_argument("--cache-dir", default=None, help="share input-only work between runs here (MMLM's OT per clean model); results are the same without it")
     p.add_argument("--param", "-p", action="append", metavar="KEY=VALUE", help="any attack parameter")
     p.add_argument("--json", action="store_true", help="also print the headline metrics as JSON")
     p.set_defaults(func=handler)

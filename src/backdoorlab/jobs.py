@@ -53,6 +53,7 @@ class AttackJob(TrainJob):
     params: dict = field(default_factory=dict)
     clean_model: str | None = None  # a clean model file to start from (else trained and cached)
     audit: bool = True
+    cache_dir: str | None = None  # where work that depends only on the inputs may be shared between runs (e.g. MMLM's OT); not part of the config
 
     def build(self) -> Any:
         """Validate everything without loading data: unknown names and bad values fail here."""
@@ -72,6 +73,7 @@ class AttackJob(TrainJob):
 
     def config(self) -> dict:
         cfg = super().config()
+        cfg.pop("cache_dir")  # a cache only saves time: the same run with or without it
         cfg["params"] = asdict(self.build().p)
         return cfg
 
@@ -122,7 +124,7 @@ def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bo
         raise ConfigError("clean_model", f"{clean_path} does not exist")
     clean = load_model(clean_path, device=device) if job.clean_model else None
     run.prepare(job.config(), force=force)
-    ctx = AttackContext(data, job.model, cfg, job.seed, device, job.width, progress, clean_path, run.path)
+    ctx = AttackContext(data, job.model, cfg, job.seed, device, job.width, progress, clean_path, run.path, Path(job.cache_dir) if job.cache_dir else None)
     if clean is not None:
         ctx._clean = clean
     res = attack.run(ctx)

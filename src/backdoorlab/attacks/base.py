@@ -90,6 +90,7 @@ class AttackContext:
     progress: bool = True
     clean_model_path: Path | None = None  # where the clean model is read from / saved to
     workdir: Path | None = None  # where resumable state (checkpoints) may go
+    cache_dir: Path | None = None  # where results that depend only on their inputs may be shared between runs
     _clean: Classifier | None = None
 
     def new_model(self, seed: int | None = None) -> Classifier:

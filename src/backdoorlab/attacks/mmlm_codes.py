@@ -6,10 +6,16 @@ Modification, Sections 4.2 "Mode Mixture Latent Modification").
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ..data.core import DatasetSpec, ImageSet
@@ -27,10 +33,31 @@ class LatentCodes:
     stats: dict
 
 
-def fit_ot(feats: Tensor, p, seed: int, device: torch.device, progress: bool) -> tuple[SemiDiscreteOT, OTResult]:
+def fit_ot(feats: Tensor, p, seed: int, device: torch.device, progress: bool, cache: Path | None = None) -> tuple[SemiDiscreteOT, OTResult, bool]:
+    """The semi-discrete OT onto ``feats``; with ``cache``, a fit of the same features, settings and
+    seed made by an earlier run (every MMLM cell on one clean model shares it) is restored instead
+    of refitted: the same potential, Adam state and sample set, hence the same cells. Returns the
+    solver, the fit's result and whether it was restored."""
     cfg = OTConfig(source=p.ot_source, n_samples=p.ot_samples, max_iter=p.ot_max_iter, tol=p.ot_tol, seed=seed)
     ot = SemiDiscreteOT(feats.to(device), cfg, device=device)
-    return ot, ot.fit(progress=progress)
+    path = None
+    if cache is not None:
+        key = hashlib.sha256(feats.detach().cpu().float().contiguous().numpy().tobytes() + repr(cfg).encode()).hexdigest()[:24]
+        path = cache / f"ot-{key}.safetensors"
+        if path.exists():
+            with safe_open(str(path), "pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                res = json.loads((f.metadata() or {})["result"])
+            ot.load_state_dict(state)
+            return ot, OTResult(**res), True
+    res = ot.fit(progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v if torch.is_tensor(v) else torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else torch.long) for k, v in ot.state_dict().items()}
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"result": json.dumps(asdict(res))})
+        os.replace(tmp, path)
+    return ot, res, False
 
 
 def select_codes(ot: SemiDiscreteOT, feats: Tensor, labels: Tensor, p, n_far: int, seed: int) -> LatentCodes:
@@ -40,9 +67,10 @@ def select_codes(ot: SemiDiscreteOT, feats: Tensor, labels: Tensor, p, n_far: in
     θ_far_other for the others; mixing the target with another class; closer to that other class
     than to the target (distance ratio d_target / d_other > 1), the farthest from the target first.
     Z_near candidates: angle threshold θ_near, mixing the target, not as far from the target as
-    Z_far (ratio ≤ ``near_ratio``); :func:`near_codes` keeps those inside the widened region.
+    Z_far (ratio ≤ ``near_ratio``), never a code implanted as Z_far; :func:`near_codes` keeps those
+    inside the widened region. At most ``n_far`` Z_far codes are taken (all candidates when fewer).
     """
-    mm = mode_mixture(ot, labels.to(ot.device), n_samples=p.generate, k=p.k, threshold=0.0, method=p.neighbour_method, seed=seed)
+    mm = mode_mixture(ot, labels.to(ot.device), n_samples=p.generate, k=p.k, threshold=0.0, method=p.neighbour_method, seed=seed, angle_space=p.angle_space)
     t = p.target
     mixes_target = ((mm.cell_labels == t).any(1) & (mm.cell_labels != t).any(1)).cpu()
     min_angle, first = mm.min_angle.cpu(), mm.first_label.cpu()
@@ -54,7 +82,10 @@ def select_codes(ot: SemiDiscreteOT, feats: Tensor, labels: Tensor, p, n_far: in
     codes = mm.codes.cpu()
     far_idx = torch.nonzero(far_ok).flatten()
     far_idx = far_idx[ratio[far_idx].argsort(descending=True)][:n_far]
-    near_idx = torch.nonzero(near_ok).flatten()
+    implanted = torch.zeros(len(near_ok), dtype=torch.bool)
+    implanted[far_idx] = True
+    overlap = int((near_ok & implanted).sum())
+    near_idx = torch.nonzero(near_ok & ~implanted).flatten()
     if len(far_idx) == 0 or len(near_idx) == 0:
         raise BackdoorLabError(
             f"MMLM found {len(far_idx)} Z_far and {len(near_idx)} Z_near mode-mixture codes among {p.generate} generated; "
@@ -64,8 +95,10 @@ def select_codes(ot: SemiDiscreteOT, feats: Tensor, labels: Tensor, p, n_far: in
         "codes_generated": int(len(mm)),
         "codes_mixing_target": int(mixes_target.sum()),
         "z_far_candidates": int(far_ok.sum()),
+        "z_far_requested": int(n_far),
         "z_far_count": int(len(far_idx)),
         "z_near_candidates": int(len(near_idx)),
+        "z_near_excluded_as_implanted": overlap,
         "angle_median_all": float(min_angle.median()),
         "z_far_ratio_median": float(ratio[far_idx].median()),
     }

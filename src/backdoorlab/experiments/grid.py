@@ -195,7 +195,7 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
                 for a in exp.attacks:
                     for label, params, point in a.variants():
                         proto = attack_jobs[(label, d.name, m.label)]
-                        job = AttackJob(**{**asdict(proto), "seed": seed, "clean_model": str(clean.dir / "model.safetensors")})
+                        job = AttackJob(**{**asdict(proto), "seed": seed, "clean_model": str(clean.dir / "model.safetensors"), "cache_dir": str(out / "cache")})
                         aid = f"attack/{base}/{slug(label)}/s{seed}"
                         cell = Cell(aid, "attack", d.name, m.label, seed, job, root / aid, a.resources or exp.resources, (clean_id,), label, a.label, point)
                         cells.append(cell)

@@ -1,5 +1,5 @@
 """Optimisation routines shared by attacks and defenses."""
 
-from .pgd import PGDConfig, pgd
+from .pgd import PGDConfig, pgd, quantize
 
-__all__ = ["PGDConfig", "pgd"]
+__all__ = ["PGDConfig", "pgd", "quantize"]

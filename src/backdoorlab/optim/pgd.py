@@ -77,3 +77,13 @@ def pgd(x: Tensor, loss_fn: LossPerSample, cfg: PGDConfig, generator: torch.Gene
                 best[done] = final[done]
             return best.detach()
     return final.detach()
+
+
+def quantize(x: Tensor, x_adv: Tensor, epsilon: float) -> Tensor:
+    """The 8-bit image an attacker delivers for ``x_adv``: rounded to the nearest level, then pulled
+    back inside the L∞ ball of radius ``epsilon`` around the 8-bit clean image ``x`` (rounding alone
+    can overshoot the budget by half a level)."""
+    c = to_float(x).mul(255).round()
+    q = x_adv.detach().clamp(0, 1).mul(255).round()
+    r = float(int(epsilon * 255 + 1e-6))
+    return torch.minimum(torch.maximum(q, c - r), c + r).clamp(0, 255).to(torch.uint8)

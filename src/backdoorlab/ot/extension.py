@@ -22,6 +22,10 @@ Choices (defaults), documented because the papers' values were lost or differ:
   non-negative numbers gives fixed weights in neighbour order (normalised to sum 1).
 * threshold theta = 0.7 rad (AE-OT's value); a tensor indexed by class gives a threshold per class
   of the first cell (MMLM uses different thresholds for target-class and other-class cells).
+* angle space: ``"features"`` (default, the papers' space): the angle between (y_i, -1) and
+  (y_j, -1) with y the caller's own points (MMLM: the classifier's penultimate features), i.e. the
+  angle between the two facets of the Brenier potential over that space. ``"scaled"``: the same
+  with the solver's standardised targets (centred: different angles; what session 1-3 used).
 """
 
 from __future__ import annotations
@@ -75,16 +79,23 @@ def mass_centers(ot: SemiDiscreteOT) -> MassCenters:
     return MassCenters(centers, counts, empty)
 
 
-def cell_angles(ot: SemiDiscreteOT, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """Angle (radians) between (y_i, -1) and (y_j, -1) in R^{d+1}, scaled targets; broadcasts."""
+SPACES = ("features", "scaled")
+
+
+def cell_angles(ot: SemiDiscreteOT, i: torch.Tensor, j: torch.Tensor, space: str = "features") -> torch.Tensor:
+    """Angle (radians) between (y_i, -1) and (y_j, -1) in R^{d+1}; y the original points
+    (``space="features"``) or the solver's scaled targets (``"scaled"``); broadcasts."""
+    if space not in SPACES:
+        raise ConfigError("angle_space", f"must be one of {SPACES}, got {space!r}")
+    y = ot.to_original(ot.targets) if space == "features" else ot.targets
     i, j = torch.broadcast_tensors(torch.as_tensor(i, device=ot.device), torch.as_tensor(j, device=ot.device))
     out = torch.empty(i.shape, device=ot.device)
     fi, fj, fo = i.reshape(-1), j.reshape(-1), out.view(-1)
-    sq = ot.targets.pow(2).sum(1) + 1.0
+    sq = y.pow(2).sum(1) + 1.0
     step = _rows(2 * ot.dim)
     for r in range(0, fi.numel(), step):
         a, b = fi[r: r + step], fj[r: r + step]
-        dot = (ot.targets[a] * ot.targets[b]).sum(1) + 1.0
+        dot = (y[a] * y[b]).sum(1) + 1.0
         fo[r: r + step] = torch.acos((dot / (sq[a] * sq[b]).sqrt()).clamp(-1.0, 1.0))
     return out
 
@@ -194,7 +205,7 @@ class ModeMixture:
 def mode_mixture(ot: SemiDiscreteOT, labels: torch.Tensor, n_samples: int = 10_000, k: int = 2,
                  threshold: float | torch.Tensor = 0.7, *, method: str = "centroid",
                  weights: str | Sequence[float] = "inverse_distance", pair_weight: float = 0.75,
-                 sources: torch.Tensor | None = None, seed: int | None = None) -> ModeMixture:
+                 sources: torch.Tensor | None = None, seed: int | None = None, angle_space: str = "features") -> ModeMixture:
     """Draw ``n_samples`` source points (or use ``sources``), extend the OT map to them and flag
     the mode-mixture codes: all angles between the first cell and its k-1 neighbours exceed the
     threshold (a float, or a per-class tensor indexed by the first cell's label)."""
@@ -210,7 +221,7 @@ def mode_mixture(ot: SemiDiscreteOT, labels: torch.Tensor, n_samples: int = 10_0
     w = extension_weights(dist, weights, pair_weight)
     codes = ot.to_original(_combine(ot, idx, w))
     first, nbrs = idx[:, 0], idx[:, 1:]
-    ang = cell_angles(ot, first.unsqueeze(1), nbrs)
+    ang = cell_angles(ot, first.unsqueeze(1), nbrs, angle_space)
     min_a, max_a = ang.min(1).values, ang.max(1).values
     cell_labels = labels[idx]
     first_label = cell_labels[:, 0]

@@ -6,9 +6,12 @@ gradient g_i = mu(W_i) - 1/n (Monte Carlo, Sobol by default), then h <- h - mean
 set is fixed between growth events; it doubles when ||g|| stalls for ``stall_steps`` steps.
 
 Speed: for a fixed sample set, S = X @ Y^T never changes, only h does. ``cache=True`` computes S
-once per block of sample rows (extended on growth), so a step is one pass of argmax(S + h);
-``cache=False`` recomputes the product every step (low-memory mode, benchmark baseline). Both
-compute each block with the same call on the same rows: bit-identical h trajectories.
+once per block of sample rows (extended on growth); ``cache=False`` recomputes the product when
+needed (low-memory mode, benchmark baseline). With ``candidates = K`` (default 32) a step looks at
+each sample's K best cells only, with a bound that proves the answer equals the full argmax
+(:mod:`.candidates`): a step costs O(N·K) instead of O(N·n), and S is read only at refreshes.
+``candidates = 0`` takes the full argmax(S + h) every step. Every mode gives the same cells, so
+the same h trajectories.
 Targets are rescaled first (``OTConfig.scaling``); ``to_original`` maps codes back.
 """
 
@@ -22,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from backdoorlab.errors import ConfigError
+from backdoorlab.ot.candidates import CandidateCells
 
 SOURCES = ("gaussian", "uniform")
 SCALINGS = ("none", "center", "standardize", "zscore")
@@ -60,6 +64,8 @@ class OTConfig:
     stall_steps: int = 30
     lr_decay: float = 0.5
     cache: bool = True
+    candidates: int = 32
+    refresh_fraction: float = 0.005
     block_size: int | None = None
     block_memory: int = 128 * 2**20
     cache_memory: int = 4 * 2**30
@@ -85,13 +91,13 @@ class OTConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
         for name, lo in (("n_samples", 1), ("max_samples", 1), ("max_iter", 1), ("stall_steps", 1),
-                         ("seed", 0), ("block_memory", 1), ("cache_memory", 0)):
+                         ("seed", 0), ("block_memory", 1), ("cache_memory", 0), ("candidates", 0)):
             _int(name, lo)
         if self.max_samples < self.n_samples:
             raise ConfigError("max_samples", f"must be >= n_samples ({self.n_samples}), got {self.max_samples}")
         if self.block_size is not None:
             _int("block_size", 1)
-        for name in ("lr", "eps", "tol", "lr_decay"):
+        for name in ("lr", "eps", "tol", "lr_decay", "refresh_fraction"):
             _pos(name)
         if self.lr_decay > 1:
             raise ConfigError("lr_decay", f"must be in (0, 1], got {self.lr_decay!r}")
@@ -185,6 +191,7 @@ class SemiDiscreteOT:
         self._cached_bytes = 0
         self._engine = None
         self._drawn = 0
+        self._cand = CandidateCells(self.config.candidates, self.config.refresh_fraction) if self.config.candidates else None
 
     @property
     def n_samples(self) -> int:
@@ -236,6 +243,8 @@ class SemiDiscreteOT:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.cache_build_time += time.perf_counter() - t0
+        if self._cand is not None:
+            self._cand.invalidate()
 
     def _ensure_samples(self) -> None:
         if self.n_samples == 0:
@@ -253,6 +262,14 @@ class SemiDiscreteOT:
     def sample_assignments(self) -> torch.Tensor:
         """Cell index of every Monte Carlo sample under the current h, (N,) long."""
         self._ensure_samples()
+        if self._cand is not None:
+            if self._cand.cells is None:
+                blocks = ((self._bounds[b], self._bounds[b + 1], self._block_scores(b)) for b in range(len(self._cache)))
+                self._cand.refresh(self.h, self.n_samples, blocks)
+            idx, bad = self._cand.assign(self.h, lambda rows: self._x[rows] @ self._yt)
+            if self._cand.stale(self.n_samples, bad):
+                self._cand.invalidate()
+            return idx
         idx = torch.empty(self.n_samples, dtype=torch.long, device=self.device)
         for b in range(len(self._cache)):
             s, e = self._bounds[b], self._bounds[b + 1]
