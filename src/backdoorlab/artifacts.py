@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import Tensor
 
-from .errors import ModelFileError
+from .errors import ConfigError, ModelFileError
+from .validate import check_out_folder
 from .models import Arch, Classifier, build_model
 
 
@@ -50,6 +51,22 @@ def dump_json(obj: Any) -> str:
     return json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n"
 
 
+def _leftover(p: Path) -> bool:
+    """What an interrupted or failed run leaves before its config (a grid's error.txt, temporaries)."""
+    return p.is_file() and (p.name == "error.txt" or p.name.endswith(".tmp") or p.suffix == ".ckpt")
+
+
+def run_kind(config: dict) -> str:
+    """Which command wrote a run's config: "defend", "attack" or "train" (else "unknown")."""
+    if "defense" in config and "run" in config:
+        return "defend"
+    if "attack" in config and "params" in config:
+        return "attack"
+    if "train" in config and "dataset" in config and "model" in config:
+        return "train"
+    return "unknown"
+
+
 class RunDir:
     """One run's directory: config, metrics, model and tensors, and resumable state."""
 
@@ -59,13 +76,26 @@ class RunDir:
     def check(self, config: dict, force: bool = False) -> bool:
         """True when a finished run with this config is already here (kept unless ``force``).
 
-        Touches nothing: a run with a different config in the folder is an error unless
-        ``force``. Callers check first, then load and validate their inputs, and only then
-        :meth:`prepare`, so a bad input never costs an earlier run its files.
+        Touches nothing. The folder must be new, empty, or a run of the same command (a train,
+        attack or defend run: ``--force`` never empties a folder it does not recognise as one of
+        its own); a run with a different config there is an error unless ``force``. Callers check
+        first, then load and validate every input, and only then :meth:`prepare`, so a bad input
+        never costs an earlier run its files.
         """
-        cfg_path = self.path / "config.json"
-        if cfg_path.exists() and cfg_path.read_text() != dump_json(config) and not force:
-            raise FileExistsError(f"{self.path} holds a run with another config; choose another --out or pass --force")
+        check_out_folder("out", self.path)
+        if not self.path.is_dir() or all(_leftover(p) for p in self.path.iterdir()):
+            return False
+        cfg_path, kind = self.path / "config.json", run_kind(config)
+        try:
+            old = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict) or run_kind(old) != kind:
+            an = lambda k: ("an " if k[0] in "aeiou" else "a ") + k  # noqa: E731
+            what = f"{an(run_kind(old))} run" if isinstance(old, dict) and run_kind(old) != "unknown" else "files that are not a backdoorlab run"
+            raise ConfigError("out", f"{self.path} holds {what}, not {an(kind)} run; choose a new or empty folder (nothing was changed)")
+        if cfg_path.read_text() != dump_json(config) and not force:
+            raise ConfigError("out", f"{self.path} holds a {kind} run with another config; choose another --out or pass --force to redo it")
         return not force and self.finished
 
     def prepare(self, config: dict, force: bool = False) -> bool:
@@ -104,17 +134,7 @@ class RunDir:
         _atomic_write(self.path / name, dump_json(obj))
 
     def save_tensors(self, name: str, tensors: dict[str, Tensor], meta: dict | None = None) -> Path:
-        path = self.path / name
-        tmp = path.with_name(path.name + ".tmp")
-        out, seen = {}, set()
-        for k, v in tensors.items():  # safetensors refuses tensors that share memory: give each its own
-            v = v.detach().cpu().contiguous()
-            ptr = v.untyped_storage().data_ptr()
-            out[k] = v.clone() if ptr in seen else v
-            seen.add(ptr)
-        save_file(out, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
-        os.replace(tmp, path)
-        return path
+        return write_safetensors(self.path / name, tensors, {k: json.dumps(v) for k, v in (meta or {}).items()})
 
     def load_tensors(self, name: str) -> dict[str, Tensor]:
         return load_file(str(self.path / name))
@@ -126,13 +146,40 @@ class RunDir:
         return load_model(self.path / name, device=device)
 
 
-def save_model(model: Classifier, path: str | Path) -> Path:
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+           torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically with a stable header (tensors and metadata in sorted
+    order), so the same tensors always give the same bytes; any safetensors reader loads it."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"backdoorlab_arch": json.dumps(model.arch.to_dict()), "format": "backdoorlab-model-1"})
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+    blobs, offset = [], 0
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{k}: dtype {t.dtype} cannot be written to safetensors")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format's 8-byte alignment of the data
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
     os.replace(tmp, path)
     return path
+
+
+def save_model(model: Classifier, path: str | Path) -> Path:
+    return write_safetensors(path, dict(model.state_dict()), {"backdoorlab_arch": json.dumps(model.arch.to_dict()), "format": "backdoorlab-model-1"})
 
 
 def read_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
@@ -162,11 +209,14 @@ def read_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
 def load_model(path: str | Path, arch: Arch | None = None, device: str | torch.device = "cpu") -> Classifier:
     """Load a model file and check that it is the architecture it claims (or the one expected)."""
     state, meta = read_state(path)
-    claimed = Arch.from_dict(json.loads(meta["backdoorlab_arch"])) if "backdoorlab_arch" in meta else None
+    try:
+        claimed = Arch.from_dict(json.loads(meta["backdoorlab_arch"])) if "backdoorlab_arch" in meta else None
+    except (ValueError, KeyError, TypeError):
+        raise ModelFileError(f"{path}: its architecture record is unreadable") from None
     if arch is None and claimed is None:
         raise ModelFileError(f"{path}: the file does not say which architecture it holds; pass the model name (--model) to check it against")
     if arch is not None and claimed is not None and arch != claimed:
-        raise ModelFileError(f"{path}: the file claims {claimed} but {arch} was expected")
+        raise ModelFileError(f"{path}: holds a {claimed.describe()}, but this run needs a {arch.describe()}")
     model = build_model(arch or claimed)  # type: ignore[arg-type]
     want = model.state_dict()
     missing = sorted(set(want) - set(state))

@@ -70,7 +70,8 @@ def _attacks(sub: argparse._SubParsersAction) -> None:
     def handler(a: argparse.Namespace) -> int:
         from .attacks import ATTACKS
 
-        _print_table([(n, c.kind.value, c.paper) for n, c in ATTACKS.items()], ("name", "kind", "paper"))
+        recipe = lambda c: "; ".join(f"{d}: " + ", ".join(f"{k} {v}" for k, v in r.items()) for d, r in c.recipe.items()) or "-"  # noqa: E731
+        _print_table([(n, c.kind.value, recipe(c), c.paper) for n, c in ATTACKS.items()], ("name", "kind", "default recipe", "paper"))
         return 0
 
     sub.add_parser("attacks", help="list attacks").set_defaults(func=handler)
@@ -153,6 +154,11 @@ def _attack(sub: argparse._SubParsersAction) -> None:
             print("\nASR versus ε (the same crafted images on the backdoored and on the clean model)")
             _print_table([(f"{c['epsilon']:.4f}", f"{255 * c['epsilon']:.0f}/255", f"{c['attack_success_rate']:.4f}", f"{c['attack_success_rate_clean_model']:.4f}") for c in m["asr_curve"]],
                          ("epsilon", "in pixels", "asr_backdoored", "asr_clean_model"))
+            if m.get("attack_success_rate", 0) < 0.9:
+                e90 = m.get("asr90_epsilon")
+                print(f"\nnote: the ASR at ε = {255 * m['epsilon']:.0f}/255 is {m['attack_success_rate']:.1%}; " + (
+                    f"it reaches 90% at ε = {255 * e90:.0f}/255 on this model: rerun with --epsilon {e90:.4f} to deliver images there" if e90 is not None
+                    else "no budget of the curve reaches 90% on this model: add larger curve_epsilons"))
         if a.json:
             print(json.dumps({k: m[k] for k in ATTACK_KEYS if k in m}))
         return 0
@@ -176,13 +182,17 @@ def _attack(sub: argparse._SubParsersAction) -> None:
 def _run(sub: argparse._SubParsersAction) -> None:
     def handler(a: argparse.Namespace) -> int:
         from .experiments import prepare, run_experiment
+        from .experiments.runner import dropped_cells
 
         if a.dry_run:
             grid = prepare(a.file, a.out)
             _print_table([(c.id, c.kind, "finished" if c.finished else "to run", ",".join(c.deps)) for c in grid], ("cell", "kind", "state", "needs"))
             print(f"{len(grid)} cells, {sum(not c.finished for c in grid)} to run; the file is valid")
+            gone = dropped_cells(grid)
+            if gone:
+                print(f"note: {a.out} holds results of {len(gone)} cell(s) this file does not have; a run here needs --drop-missing to drop them")
             return 0
-        res = run_experiment(a.file, a.out, a.executor, a.address, progress=not a.quiet, num_cpus=a.ray_cpus)
+        res = run_experiment(a.file, a.out, a.executor, a.address, progress=not a.quiet, num_cpus=a.ray_cpus, drop_missing=a.drop_missing)
         if res.report is not None and Path(res.report).exists():  # the tables, without the figure section
             print("\n" + Path(res.report).read_text().split("\n## Figures", 1)[0].rstrip() + "\n")
         print(f"ran {len(res.ran)}, already finished {len(res.skipped)}, failed {len(res.failed)}, skipped after a failure {len(res.blocked)}")
@@ -198,6 +208,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto or ray://host:10001); default: start a local instance")
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a locally started Ray instance (default: all)")
     p.add_argument("--dry-run", action="store_true", help="check the file and list the cells, run nothing")
+    p.add_argument("--drop-missing", action="store_true", help="allow this file to drop the results of cells it no longer has from --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=handler)
 
@@ -238,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="backdoorlab", description="Backdoor attacks and defenses for image classifiers.")
     parser.add_argument("--version", action="version", version=f"backdoorlab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its line")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -245,14 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Any error this toolkit raises on purpose (a bad value, file, device or
+    folder) is printed as one line naming the field and the value, exit code 2; ``--debug`` shows
+    the traceback too."""
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
         return int(a.func(a) or 0)
     except BackdoorLabError as e:
-        print(f"backdoorlab: error: {e}", file=sys.stderr)
-        return 2
-    except FileExistsError as e:
+        if a.debug:
+            raise
         print(f"backdoorlab: error: {e}", file=sys.stderr)
         return 2
 

@@ -17,12 +17,12 @@ import torch
 from .artifacts import RunDir, load_model
 from .data import DATASETS, load_dataset
 from .data.core import to_uint8
-from .errors import ConfigError
+from .errors import ConfigError, ModelFileError
 from .models import MODELS
 from .recipes import resolve_device, train_config
 from .train.evaluate import accuracy, attack_success_rate, asr_mask, per_class_accuracy
 from .train.trainer import TrainConfig, train
-from .validate import build_params, check_positive
+from .validate import build_params, check_apart, check_device, check_int, check_range
 
 
 @dataclass
@@ -36,10 +36,23 @@ class TrainJob:
     train: dict = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
-        DATASETS.get(self.dataset)
+        entry = DATASETS.get(self.dataset)
         MODELS.get(self.model)
-        check_positive("width", self.width)
-        return train_config(self.dataset, self.model, self.train)
+        check_range("width", self.width, 0.0, 64.0, low_open=True)
+        check_int("seed", self.seed, 0, 2**31 - 1)
+        check_device(self.device)
+        if self.data_root is not None:
+            if not (entry.needs_root or entry.default_root):
+                raise ConfigError("data_root", f"{self.dataset!r} is embedded and reads no files; drop --data-root {self.data_root}")
+            if not isinstance(self.data_root, str) or not Path(self.data_root).expanduser().is_dir():
+                raise ConfigError("data_root", f"{self.data_root!r} is not a folder")
+        if not isinstance(self.train, dict):
+            raise ConfigError("train", f"expected a mapping of TrainConfig fields, got {self.train!r}")
+        return train_config(self.dataset, self.model, self.overrides())
+
+    def overrides(self) -> dict:
+        """TrainConfig fields set on top of the dataset's and model's default recipe."""
+        return self.train
 
     def config(self) -> dict:
         cfg = asdict(self)
@@ -54,6 +67,12 @@ class AttackJob(TrainJob):
     clean_model: str | None = None  # a clean model file to start from (else trained and cached)
     audit: bool = True
     cache_dir: str | None = None  # where work that depends only on the inputs may be shared between runs (e.g. MMLM's OT); not part of the config
+
+    def overrides(self) -> dict:
+        """The victim's recipe on top of the dataset's: the attack's defaults, then the user's."""
+        from .attacks import ATTACKS
+
+        return {**ATTACKS.get(self.attack).recipe_for(self.dataset), **self.train}
 
     def build(self) -> Any:
         """Validate everything without loading data: unknown names and bad values fail here."""
@@ -81,15 +100,17 @@ class AttackJob(TrainJob):
 def run_train(job: TrainJob, out: str | Path, progress: bool = True, force: bool = False) -> dict:
     cfg = job.validate()
     run = RunDir(out)
+    check_apart("out", out, {"data_root": job.data_root})
     if run.check(job.config(), force=force):
         return run.read_metrics()
     from .models import build_model
 
-    data = load_dataset(job.dataset, job.data_root)  # a bad dataset fails before the folder is touched
-    run.prepare(job.config(), force=force)
+    # everything is loaded and checked before the folder is touched (--force empties it only then)
+    data = load_dataset(job.dataset, job.data_root)
     device = resolve_device(job.device)
     torch.manual_seed(job.seed)
     model = build_model(job.model, data.spec, job.width).to(device)
+    run.prepare(job.config(), force=force)
     hist = train(model, data.train, data.spec, cfg, seed=job.seed, device=device, eval_set=data.test, progress=progress, checkpoint=run.file("train.ckpt"))
     run.save_model(model)
     metrics = {
@@ -113,16 +134,24 @@ def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bo
     attack = job.build()
     cfg = job.validate()
     run = RunDir(out)
+    check_apart("out", out, {"data_root": job.data_root, "clean_model": job.clean_model})
     if run.check(job.config(), force=force):
         return run.read_metrics()
     t0 = time.perf_counter()
-    # inputs first: a missing or malformed dataset or model file fails before the folder is touched
+    # every input is loaded and checked before the folder is touched (--force empties it only then)
     data = load_dataset(job.dataset, job.data_root)
+    try:
+        attack.check_data(data)  # e.g. a poison rate the eligible samples cannot meet, a patch larger than the image
+    except ConfigError as e:
+        raise ConfigError("params." + e.field, str(e).split(": ", 1)[-1]) from None
     device = resolve_device(job.device)
     clean_path = Path(job.clean_model) if job.clean_model else run.file("clean_model.safetensors")
-    if job.clean_model and not clean_path.exists():
+    if job.clean_model and not clean_path.is_file():
         raise ConfigError("clean_model", f"{clean_path} does not exist")
-    clean = load_model(clean_path, device=device) if job.clean_model else None
+    try:
+        clean = load_model(clean_path, arch=attack.clean_arch(job.model, data.spec, job.width), device=device) if job.clean_model else None
+    except ModelFileError as e:
+        raise ModelFileError(f"clean_model: {e}") from None
     run.prepare(job.config(), force=force)
     ctx = AttackContext(data, job.model, cfg, job.seed, device, job.width, progress, clean_path, run.path, Path(job.cache_dir) if job.cache_dir else None)
     if clean is not None:

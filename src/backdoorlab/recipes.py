@@ -7,7 +7,7 @@ from dataclasses import fields
 import torch
 
 from .train.trainer import TrainConfig
-from .validate import build_params
+from .validate import build_params, check_device
 
 SMALL = {"digit-cnn", "traffic-cnn"}
 EPOCHS_SMALL = {"mnist5k": 12, "digits": 40, "fashion-mnist": 12, "mnist": 8, "gtsrb": 20, "cifar10": 40, "tiny-imagenet": 40}
@@ -28,6 +28,5 @@ def train_config(dataset: str, model: str, overrides: dict | None = None) -> Tra
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device a run uses (``auto``: CUDA when present); one that this machine lacks is a ConfigError."""
+    return check_device(name)

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
+from ..data.core import Dataset
 from .base import ATTACKS, AttackContext, PoisonParams, PoisoningAttack
 from .triggers import Trigger, place_patch
 
@@ -42,8 +43,15 @@ class BadNets(PoisoningAttack):
     Params = BadNetsParams
     p: BadNetsParams
 
-    def make_trigger(self, ctx: AttackContext) -> Trigger:
-        shape = ctx.data.spec.shape
+    def check_data(self, data: Dataset) -> None:
+        super().check_data(data)
+        self._check_patch(data.spec.shape)
+
+    def _check_patch(self, shape: tuple[int, int, int]) -> None:
         if self.p.patch_size > min(shape[1:]):
             raise ConfigError("patch_size", f"{self.p.patch_size} is larger than the {shape[1]}x{shape[2]} image")
+
+    def make_trigger(self, ctx: AttackContext) -> Trigger:
+        shape = ctx.data.spec.shape
+        self._check_patch(shape)
         return place_patch(shape, patch_pattern(self.p.pattern, self.p.patch_size, ctx.seed), self.p.position, self.p.margin)

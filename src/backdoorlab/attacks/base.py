@@ -29,8 +29,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ..data.core import Dataset, ImageSet, to_float, to_uint8
-from ..models import Classifier, build_model
+from ..data.core import Dataset, DatasetSpec, ImageSet, to_float, to_uint8
+from ..errors import ConfigError
+from ..models import Arch, Classifier, arch_for, build_model
 from ..registry import Registry
 from ..train.evaluate import target_labels
 from ..train.trainer import TrainConfig, TrainHooks, train
@@ -140,6 +141,13 @@ class Attack(ABC):
     paper: ClassVar[str]
     kind: ClassVar[AttackKind]
     Params: ClassVar[type[AttackParams]] = AttackParams
+    # training-recipe fields an attack needs by default, per dataset ("*": any), under the user's own
+    # overrides: the default command must show the method working (e.g. WaNet learns its warp slowly)
+    recipe: ClassVar[dict[str, dict]] = {}
+
+    @classmethod
+    def recipe_for(cls, dataset: str) -> dict:
+        return {**cls.recipe.get("*", {}), **cls.recipe.get(dataset, {})}
 
     def __init__(self, params: AttackParams | None = None) -> None:
         self.p = params if params is not None else self.Params()
@@ -149,6 +157,14 @@ class Attack(ABC):
 
     def labels(self, y: Tensor, num_classes: int) -> Tensor:
         return target_labels(y, self.p.target_mode, self.p.target, num_classes)
+
+    def check_data(self, data: Dataset) -> None:
+        """Checks that need the loaded data (image shape, class counts), run before the output
+        folder is touched; raise ConfigError naming the parameter. The default checks nothing more."""
+
+    def clean_arch(self, model: str, spec: DatasetSpec, width: float) -> Arch:
+        """The architecture a given clean model file must have (checked before it is used)."""
+        return arch_for(model, spec, width)
 
     def evaluation_data(self, data: Dataset) -> Dataset:
         """The data the attacked model is evaluated and defended on: ``data`` itself, unless the
@@ -177,13 +193,18 @@ def eligible_for_poison(y: Tensor, p: PoisonParams) -> Tensor:
     return torch.nonzero(y != p.target).flatten() if p.target_mode == "all-to-one" else torch.arange(len(y))
 
 
-def choose_random(y: Tensor, p: PoisonParams, seed: int) -> Tensor:
+def poison_count(y: Tensor, p: PoisonParams) -> tuple[int, Tensor]:
+    """How many training samples ``poison_rate`` poisons, and the eligible pool (an error naming
+    ``poison_rate`` when the pool is too small)."""
     pool = eligible_for_poison(y.cpu(), p)
     n = max(1, round(p.poison_rate * len(y)))
     if n > len(pool):
-        from ..errors import ConfigError
+        raise ConfigError("poison_rate", f"{p.poison_rate} asks for {n} poisoned samples but only {len(pool)} are eligible ({p.target_mode}, target {p.target})")
+    return n, pool
 
-        raise ConfigError("poison_rate", f"{p.poison_rate} asks for {n} poisoned samples but only {len(pool)} are eligible")
+
+def choose_random(y: Tensor, p: PoisonParams, seed: int) -> Tensor:
+    n, pool = poison_count(y, p)
     g = torch.Generator().manual_seed(seed + 1)
     return pool[torch.randperm(len(pool), generator=g)[:n]].sort().values
 
@@ -197,6 +218,9 @@ class PoisoningAttack(Attack):
 
     @abstractmethod
     def make_trigger(self, ctx: AttackContext) -> Trigger: ...
+
+    def check_data(self, data: Dataset) -> None:
+        poison_count(data.train.y, self.p)
 
     def select(self, ctx: AttackContext, trigger: Trigger) -> Tensor:
         """Which training samples to poison (random by default)."""

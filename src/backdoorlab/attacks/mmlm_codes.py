@@ -9,15 +9,14 @@ import copy
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from ..artifacts import write_safetensors
 from ..data.core import DatasetSpec, ImageSet
 from ..errors import BackdoorLabError
 from ..models.base import Classifier
@@ -54,9 +53,7 @@ def fit_ot(feats: Tensor, p, seed: int, device: torch.device, progress: bool, ca
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v if torch.is_tensor(v) else torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else torch.long) for k, v in ot.state_dict().items()}
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"result": json.dumps(asdict(res))})
-        os.replace(tmp, path)
+        write_safetensors(path, state, {"result": json.dumps(asdict(res))})
     return ot, res, False
 
 

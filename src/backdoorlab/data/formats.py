@@ -147,6 +147,8 @@ def load_mnist_idx(root: str | Path, class_names: list[str] | None = None) -> Ra
         if img.shape[0] != lab.shape[0]:
             raise DatasetError(f"{img_path} holds {img.shape[0]} images but {lab_path} "
                                f"holds {lab.shape[0]} labels")
+        if img.shape[0] == 0 or 0 in img.shape[1:]:
+            raise DatasetError(f"{img_path} holds no images (IDX dimensions {img.shape})")
         splits.append((torch.from_numpy(img).unsqueeze(1), _labels_tensor(lab, len(class_names), str(lab_path))))
     if splits[0][0].shape[1:] != splits[1][0].shape[1:]:
         raise DatasetError(f"{files[0]} and {files[2]}: train and test image sizes differ")

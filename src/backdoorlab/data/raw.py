@@ -28,6 +28,9 @@ class RawSplits:
                 raise ValueError(f"{split}_x must be a uint8 (N, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
                 raise ValueError(f"{split}_y must be int64 (N,) with N={x.shape[0]}, got {y.dtype} {tuple(y.shape)}")
+        for split in ("train", "test"):
+            if getattr(self, f"{split}_x").shape[0] == 0:
+                raise DatasetError(f"the {split} split holds no images (an empty or truncated file?)")
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise ValueError(f"train and test images differ in shape: {tuple(self.train_x.shape[1:])} "
                              f"vs {tuple(self.test_x.shape[1:])}")

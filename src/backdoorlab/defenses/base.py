@@ -27,7 +27,7 @@ from ..artifacts import RunDir
 from ..errors import ConfigError
 from ..metrics.ranking import auroc
 from ..registry import Registry
-from ..validate import build_params
+from ..validate import build_params, check_apart, check_device, check_int, check_range  # noqa: F401  (check_int: the defenses' import)
 from .view import DefenderView, GroundTruth, check_run, load_case
 
 DEFENSES: Registry[type["Defense"]] = Registry("defense")
@@ -49,14 +49,8 @@ class DefenseParams:
         pass
 
 
-def check_int(field: str, value: int, low: int = 1) -> None:
-    if int(value) < low:
-        raise ConfigError(field, f"must be >= {low}, got {value}")
-
-
 def check_open_rate(field: str, value: float) -> None:
-    if not 0.0 < float(value) < 1.0:
-        raise ConfigError(field, f"must lie in (0, 1), got {value}")
+    check_range(field, value, 0.0, 1.0, low_open=True, high_open=True)
 
 
 # --------------------------------------------------------------------------- batched helpers
@@ -150,6 +144,8 @@ class DefenseJob:
         check_open_rate("heldout_fraction", self.heldout_fraction)
         check_int("heldout_seed", self.heldout_seed, 0)
         check_int("max_inputs", self.max_inputs, 0)
+        check_int("seed", self.seed, 0, 2**31 - 1)
+        check_device(self.device)
         if check:
             check_run(self.run, self.model)
         return defense
@@ -184,6 +180,7 @@ def run_defense(job: DefenseJob, out: str | Path, progress: bool = True, force: 
 
     defense = job.build()
     rd = RunDir(out)
+    check_apart("out", out, {"run": job.run})
     if rd.check(job.config(), force=force):
         return rd.read_metrics()
     t0 = time.perf_counter()

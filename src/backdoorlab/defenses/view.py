@@ -37,8 +37,8 @@ from ..attacks.triggers import Trigger
 from ..data import load_dataset
 from ..data.core import Dataset, DatasetSpec, ImageSet, to_float, to_uint8
 from ..data.subset import stratified_indices
-from ..errors import ConfigError
-from ..models import Classifier, build_model
+from ..errors import ConfigError, ModelFileError
+from ..models import Classifier, arch_for, build_model
 from ..train.evaluate import accuracy, asr_mask, attack_success_rate, predict, target_labels
 from ..validate import build_params, check_choice
 
@@ -148,8 +148,11 @@ def attack_of(cfg: dict) -> Any:
     """The attack a run's config names, rebuilt from its recorded parameters."""
     from ..attacks import ATTACKS
 
-    acls = ATTACKS.get(cfg["attack"])
-    return acls(build_params(acls.Params, cfg["params"]))
+    try:
+        acls = ATTACKS.get(cfg["attack"])
+        return acls(build_params(acls.Params, cfg["params"]))
+    except ConfigError as e:
+        raise ConfigError("run", f"its config.json names an attack this toolkit cannot rebuild ({e}); was it made by another version?") from None
 
 
 def delivered_training_set(data: Dataset, cfg: dict, trigger: Trigger | None, poison_indices: Tensor) -> ImageSet:
@@ -191,8 +194,12 @@ def load_case(
     path = check_run(run, model)
     cfg = json.loads((path / "config.json").read_text())
     device = torch.device(device)
-    data = attack_of(cfg).evaluation_data(load_dataset(cfg["dataset"], cfg.get("data_root")))
-    net = load_model(path / MODEL_FILES[model], device=device)
+    attack = attack_of(cfg)
+    data = attack.evaluation_data(load_dataset(cfg["dataset"], cfg.get("data_root")))
+    try:  # the model file must be what the run says it is
+        net = load_model(path / MODEL_FILES[model], arch=arch_for(cfg["model"], data.spec, float(cfg.get("width", 1.0))), device=device)
+    except ModelFileError as e:
+        raise ModelFileError(f"run: {e}") from None
     test, spec = data.test, data.spec
     params = cfg["params"]
     target, mode = int(params.get("target", spec.default_target)), str(params.get("target_mode", "all-to-one"))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..artifacts import RunDir
 from ..errors import ConfigError
+from ..validate import check_out_folder
 from .executors import EXECUTORS, Executor
 from .grid import Cell, Grid, expand
 from .report import check_outputs, write_report
@@ -110,8 +111,12 @@ class GridProgress:
 
 
 def prepare(experiment: str | Path | Experiment, out: str | Path) -> Grid:
-    """Everything that can fail before running: the file, every job, tables, plots, existing run dirs."""
+    """Everything that can fail before running: the file, every job, tables, plots, existing run dirs,
+    and the output folder (new, empty, or one a grid wrote)."""
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
+    o = check_out_folder("out", out)
+    if o.is_dir() and any(o.iterdir()) and not any((o / n).exists() for n in ("experiment.yaml", TABLE_FILE, "cells", "run.lock", "report.md", "progress.json")):
+        raise ConfigError("out", f"{o} holds files that are not a grid's output; choose a new or empty folder (nothing was changed)")
     grid = expand(exp, out)
     check_outputs(exp)
     grid.check_run_dirs()
@@ -148,19 +153,51 @@ def _sync_table(grid: Grid, table: ResultsTable) -> list[str]:
     return list(finished)
 
 
+def dropped_cells(grid: Grid) -> list[str]:
+    """Cells whose rows ``results.jsonl`` holds but this grid no longer has (a run of a smaller file)."""
+    ids = {c.id for c in grid}
+    return sorted({r["cell"] for r in ResultsTable(grid.out / TABLE_FILE).read()} - ids)
+
+
+def check_shrink(grid: Grid, drop_missing: bool) -> list[str]:
+    """Refuse to shrink a grid's results unless asked (then say what goes): a file that is a subset
+    of the one that made ``out`` would silently drop rows from results.jsonl and the report."""
+    gone = dropped_cells(grid)
+    if gone and not drop_missing:
+        raise ConfigError("out", f"{grid.out} holds results of {len(gone)} cell(s) this file does not have (e.g. {gone[0]}); running it here would drop "
+                                 "them from results.jsonl and report.md: use another --out, or pass --drop-missing to drop them")
+    return gone
+
+
+def unproduced_metrics(grid: Grid) -> list[str]:
+    """Table metrics no finished cell produced, named by their table (checked once every cell is done)."""
+    have = {r["metric"] for r in ResultsTable(grid.out / TABLE_FILE).read()}
+    out = []
+    for i, t in enumerate(grid.exp.tables):
+        wanted = t.options.get("metrics") or ([t.options["metric"]] if "metric" in t.options else [])
+        out += [f"tables[{i}]: {m}" for m in wanted if m not in have]
+    return out
+
+
 def rebuild_report(grid: Grid, status: dict | None = None) -> Path:
     rows = ResultsTable(grid.out / TABLE_FILE).read()
     return write_report(grid.exp, grid.out, rows, [c.identity() for c in grid], status or {"done": sum(c.finished for c in grid)})
 
 
 def run_experiment(experiment: str | Path | Experiment, out: str | Path, executor: str = "local", address: str | None = None,
-                   progress: bool = True, num_cpus: int | None = None) -> GridResult:
-    """Run every unfinished cell in dependency order; returns what ran, what was skipped, what failed."""
+                   progress: bool = True, num_cpus: int | None = None, drop_missing: bool = False) -> GridResult:
+    """Run every unfinished cell in dependency order; returns what ran, what was skipped, what failed.
+
+    A grid never shrinks the results it finds in ``out`` unless ``drop_missing``; once every cell
+    has finished, a table metric that no cell produced is an error naming the table."""
     grid = prepare(experiment, out)
     ex = make_executor(executor, address, num_cpus)
+    gone = check_shrink(grid, drop_missing)
     grid.out.mkdir(parents=True, exist_ok=True)
     lock = _lock(grid.out)
     try:
+        if gone:
+            print(f"dropping the rows of {len(gone)} cell(s) this file no longer has: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}", file=sys.stderr)
         exp = grid.exp
         if exp.source != "<dict>" and Path(exp.source).is_file():
             RunDir(grid.out).file("experiment.yaml").write_text(Path(exp.source).read_text())
@@ -170,6 +207,9 @@ def run_experiment(experiment: str | Path | Experiment, out: str | Path, executo
         rebuild_report(grid, {"done": len(res.skipped) + len(res.ran), "failed": res.failed})
     finally:
         lock.close()
+    missing = unproduced_metrics(grid) if res.ok else []
+    if missing:
+        raise ConfigError("tables", f"no cell produced {', '.join(missing)} (a typo, or a metric of another attack or defense?); the cells are kept, fix the file and run again")
     return res
 
 

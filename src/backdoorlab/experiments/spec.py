@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..validate import build_params
+from ..validate import build_params, check_device, check_range, number
 
 TOP_KEYS = ("name", "description", "seeds", "device", "train", "resources", "datasets", "models", "attacks", "defenses", "tables", "plots")
 
@@ -52,10 +52,8 @@ class Resources:
     gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        if not float(self.cpus) > 0:
-            raise ConfigError("cpus", f"must be > 0, got {self.cpus}")
-        if float(self.gpus) < 0:
-            raise ConfigError("gpus", f"must be >= 0, got {self.gpus}")
+        check_range("cpus", self.cpus, 0.0, 4096.0, low_open=True)
+        check_range("gpus", self.gpus, 0.0, 1024.0)
 
     @property
     def threads(self) -> int:
@@ -224,10 +222,7 @@ def _model(i: int, m: Any) -> ModelEntry:
         return ModelEntry(name, 1.0, name)
     _keys(w, m, ("name", "width", "label"), ("name",))
     name = _str(w + ".name", m["name"])
-    try:
-        width = float(m.get("width", 1.0))
-    except (TypeError, ValueError):
-        raise ConfigError(w + ".width", f"expected a number, got {m.get('width')!r}") from None
+    width = float(number(w + ".width", m.get("width", 1.0)))
     return ModelEntry(name, width, str(m.get("label") or (name if width == 1.0 else f"{name}-w{width:g}")))
 
 
@@ -265,10 +260,7 @@ def _defense(i: int, d: Any, groups: list[str]) -> DefenseEntry:
         held["clean_model"] = d["clean_model"]
     for k, tp in (("heldout_fraction", float), ("heldout_seed", int), ("max_inputs", int)):
         if k in d:
-            try:
-                held[k] = tp(d[k])
-            except (TypeError, ValueError):
-                raise ConfigError(f"{w}.{k}", f"expected a number, got {d[k]!r}") from None
+            held[k] = tp(number(f"{w}.{k}", d[k], integer=tp is int))
     return DefenseEntry(str(d.get("label") or name), name, _mapping(w + ".params", d.get("params")), attacks, _resources(w + ".resources", d.get("resources")), **held)
 
 
@@ -289,6 +281,7 @@ def parse_experiment(doc: Any, source: str = "<dict>") -> Experiment:
             raise ConfigError("seeds", f"expected non-negative integers, got {s!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError("seeds", f"repeated seed in {seeds}")
+    check_device(str(doc.get("device", "auto")))  # one this machine has
     datasets = [_dataset(i, d) for i, d in enumerate(_list("datasets", doc["datasets"], required=True))]
     _unique("datasets", [d.name for d in datasets], "dataset")
     models = [_model(i, m) for i, m in enumerate(_list("models", doc["models"], required=True))]

@@ -22,6 +22,10 @@ class Arch:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """e.g. "digit-cnn (width 1) for 1x28x28 inputs and 10 classes"."""
+        return f"{self.name} (width {self.width:g}) for {self.in_channels}x{self.image_size[0]}x{self.image_size[1]} inputs and {self.num_classes} classes"
+
     @staticmethod
     def from_dict(d: dict) -> "Arch":
         return Arch(str(d["name"]), int(d["in_channels"]), int(d["num_classes"]), tuple(int(v) for v in d["image_size"]), float(d.get("width", 1.0)))

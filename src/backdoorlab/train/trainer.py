@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from ..data.core import DatasetSpec, ImageSet, augment, iterate
 from ..errors import ConfigError, TrainingError
 from ..models.base import Classifier
-from ..validate import check_positive
+from ..validate import check_choice, check_int, check_range
+
+MAX_EPOCHS = 100_000  # a typo's guard (1e9 epochs would never end), far above any real schedule
 from .evaluate import accuracy
 
 
@@ -100,11 +102,23 @@ class TrainConfig:
     channels_last: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ConfigError("epochs", f"must be >= 0, got {self.epochs}")
-        check_positive("batch_size", self.batch_size)
-        check_positive("lr", self.lr)
-        if not (self.trainable in ("all", "head") or (self.trainable.startswith("after:") and self.trainable[6:].isdigit())):
+        check_int("epochs", self.epochs, 0, MAX_EPOCHS)
+        check_int("batch_size", self.batch_size, 1, 1 << 20)
+        check_range("lr", self.lr, 0.0, 100.0, low_open=True)
+        check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_range("gamma", self.gamma, 0.0, 1.0, low_open=True)
+        check_int("step_size", self.step_size, 1)
+        check_int("plateau_patience", self.plateau_patience, 0)
+        for m in self.milestones:
+            check_int("milestones", m, 1)
+        check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+        check_choice("schedule", self.schedule, ("none", "step", "multistep", "cosine", "plateau"))
+        for f in ("amp", "channels_last"):
+            check_choice(f, getattr(self, f), ("auto", "on", "off"))
+        if not isinstance(self.augment, bool):
+            raise ConfigError("augment", f"expected true/false, got {self.augment!r}")
+        if not isinstance(self.trainable, str) or not (self.trainable in ("all", "head") or (self.trainable.startswith("after:") and self.trainable[6:].isdigit())):
             raise ConfigError("trainable", f"must be 'all', 'head' or 'after:K', got {self.trainable!r}")
 
 
