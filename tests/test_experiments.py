@@ -359,15 +359,15 @@ def test_mmlm_curve_table_averages_each_budget_over_seeds(tmp_path, repo_script)
     mod = repo_script("scripts", "mmlm_curve")
     curves, markdown = mod.curves, mod.markdown
 
-    for seed, (asr, clean) in enumerate([(0.5, 0.1), (0.7, 0.3)]):
+    for seed, (asr, clean, left) in enumerate([(0.5, 0.1, 0.4), (0.7, 0.3, 0.6)]):
         d = tmp_path / "cells" / "attack" / "mnist5k" / "digit-cnn" / "mmlm" / f"s{seed}"
         d.mkdir(parents=True)
-        curve = [{"epsilon": 64 / 255, "steps": 50, "attack_success_rate": asr, "attack_success_rate_clean_model": clean}]
+        curve = [{"epsilon": 64 / 255, "steps": 50, "attack_success_rate": asr, "attack_success_rate_clean_model": clean, "latent_distance_left": left}]
         (d / "metrics.json").write_text(json.dumps({"asr_curve": curve}))
     data = curves(tmp_path, "mmlm")
     assert data[("mnist5k", "digit-cnn", round(64 / 255, 6))]["backdoored"] == [0.5, 0.7]
     row = markdown(data).splitlines()[-1]
-    assert row == f"| mnist5k | digit-cnn | 64 | 50 | 60.00 ± {100 * statistics.stdev([0.5, 0.7]):.2f} | 20.00 ± {100 * statistics.stdev([0.1, 0.3]):.2f} | 2 |"
+    assert row == f"| mnist5k | digit-cnn | 64 | 50 | 60.00 ± {100 * statistics.stdev([0.5, 0.7]):.2f} | 20.00 ± {100 * statistics.stdev([0.1, 0.3]):.2f} | 50.0 ± {100 * statistics.stdev([0.4, 0.6]):.1f} | 2 |"
 
 
 def test_redoing_a_deleted_cell_reruns_what_needs_it_or_names_what_to_delete(tmp_path, reference):
