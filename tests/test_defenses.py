@@ -35,6 +35,9 @@ SMALL = {
     "fine-pruning": {"finetune_epochs": 2},
     "activation-clustering": {"tsne_points": 200},
     "spectral-signatures": {},
+    "scale-up": {},
+    "sentinet": {"n_overlays": 24, "heatmap_images": 3},
+    "abl": {"isolation_epochs": 2, "retrain_epochs": 1, "unlearning_epochs": 1},
 }
 
 
@@ -51,7 +54,7 @@ def bn(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-MAX_INPUTS = {"cognitive-distillation": 48, "strip": 150}  # test-time inputs presented, each of clean and poisoned
+MAX_INPUTS = {"cognitive-distillation": 48, "strip": 150, "sentinet": 60}  # test-time inputs presented, each of clean and poisoned
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +377,59 @@ def test_defense_benchmark_gives_grid_cells_with_one_folder_name_distinct_output
     assert mod.run_labels(cells) == ["mnist5k-digit-cnn-mmlm-s0", "fashion-mnist-digit-cnn-mmlm-s0"]
     assert mod.run_labels([Path("/t/bn40"), Path("/t/bn-r18")]) == ["bn40", "bn-r18"]  # distinct: the folder name
     assert len(set(mod.run_labels([Path("/t/a"), Path("/t/a")]))) == 2
+
+
+# ----------------------------------------------------------------------------- SCALE-UP, Grad-CAM, SentiNet (issue 16)
+
+
+def test_scale_up_scores_and_threshold(bn, case):
+    from backdoorlab.defenses.scale_up import scaled_consistency
+
+    view, truth = case
+    x = truth.poisoned[:5]
+    hard = scaled_consistency(view.model, x, (3, 7), False, 2, view.device)
+    soft = scaled_consistency(view.model, x, (3, 7), True, 2, view.device)
+    label = predict(view.model, x)
+    for i in range(5):  # the batched scores are the per-image definition
+        copies = torch.stack([(n * to_float(x[i])).clamp(0, 1) for n in (3, 7)])
+        with torch.no_grad():
+            out = view.model(copies)
+        prob = torch.softmax(out, 1)[:, label[i]]
+        assert hard[i] == float((out.argmax(1) == label[i]).float().mean())
+        assert soft[i] == pytest.approx(float(prob.mean()), abs=1e-5)
+    m, out = defend(bn, "scale-up")
+    held = RunDir(out).load_tensors("decision.safetensors")["heldout_scores"]
+    assert float((held > m["consistency_threshold"]).float().mean()) <= 0.01  # ties at the top reject fewer
+    # near-binary digits: scaling saturates the strokes, clean digits keep their label too (results §12)
+    assert m["mean_consistency_clean"] > 0.9 and m["mean_consistency_poisoned"] >= m["mean_consistency_clean"]
+    s, out = defend(bn, "scale-up", score="soft")
+    assert s["auroc"] >= 0.9 and s["mean_consistency_poisoned"] > s["mean_consistency_clean"]
+    assert (out / "scale_up_consistency.png").exists()
+
+
+def test_grad_cam_points_at_the_patch(case):
+    from backdoorlab.models.gradcam import grad_cam
+
+    view, truth = case
+    x = to_float(truth.poisoned[:32])
+    cam = grad_cam(view.model, x)
+    assert cam.shape == (32, 28, 28) and float(cam.min()) >= 0 and torch.allclose(cam.flatten(1).amax(1), torch.ones(32))
+    patch = truth.trigger.mask.cpu()[0] > 0
+    near = torch.nn.functional.max_pool2d(patch[None, None].float(), 7, 1, 3)[0, 0] > 0  # the patch and 3 px around it
+    assert float(cam[:, near].mean()) > 2 * float(cam[:, ~near].mean())  # the target label rests on the patch
+    clean = grad_cam(view.model, to_float(truth.evaluation.x[:32]))
+    assert float(clean[:, near].mean()) < float(cam[:, near].mean())
+    y = torch.full((32,), 3)  # another class explained: another map
+    assert not torch.allclose(grad_cam(view.model, x, y), cam)
+
+
+def test_sentinet_separates_patched_inputs(bn):
+    m, out = defend(bn, "sentinet")
+    assert m["auroc"] >= 0.9 and m["scored_clean"] == m["scored_poisoned"] == 60
+    assert m["mean_fooled_poisoned"] > 0.8 and m["mean_fooled_clean"] < 0.3  # the patch carries its label along
+    dec = json.loads((out / "decision.json").read_text())
+    held = RunDir(out).load_tensors("decision.safetensors")
+    assert len(dec["boundary"]) in (1, 3) and float((held["heldout_scores"] > m["above_boundary_threshold"]).float().mean()) <= 0.01 + 1 / 200
+    for f in ("sentinet_scores.png", "sentinet_fooled_avgconf.png", "sentinet_gradcam.png"):
+        assert (out / f).stat().st_size > 0
+
