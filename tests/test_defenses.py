@@ -38,6 +38,7 @@ SMALL = {
     "scale-up": {},
     "sentinet": {"n_overlays": 24, "heatmap_images": 3},
     "abl": {"isolation_epochs": 2, "retrain_epochs": 1, "unlearning_epochs": 1},
+    "mntd": {"shadow_models": 4, "shadow_epochs": 2, "meta_steps": 20},
 }
 
 
@@ -433,3 +434,79 @@ def test_sentinet_separates_patched_inputs(bn):
     for f in ("sentinet_scores.png", "sentinet_fooled_avgconf.png", "sentinet_gradcam.png"):
         assert (out / f).stat().st_size > 0
 
+
+# ----------------------------------------------------------------------------- ABL, MNTD (issue 16)
+
+
+def test_abl_isolates_the_poison_and_unlearns_it(bn):
+    m, out = defend(bn, "abl", tag="full", isolation_epochs=5, retrain_epochs=1, unlearning_epochs=2)
+    assert m["isolated_count"] == 40 and m["isolation_precision"] >= 0.9  # BadNets samples are learned first
+    assert m["isolation_recall"] == pytest.approx(m["isolation_precision"] * 40 / 400)
+    iso = RunDir(out).load_tensors("decision.safetensors")
+    losses = iso["losses_after_isolation"]
+    assert torch.equal(iso["isolated"], torch.sort(losses, stable=True).indices[:40].sort().values)  # the lowest losses
+    assert len(m["unlearning_isolated_accuracy"]) == 2 and 0.0 <= m["clean_accuracy"] <= 1.0
+    assert (out / "abl_losses.png").exists()
+
+
+def test_abl_losses_ascend_below_gamma_and_on_the_isolated_samples(case):
+    from backdoorlab.data.core import ImageSet
+    from backdoorlab.defenses.abl import IsolationLoss, Unlearning
+    from backdoorlab.train.trainer import Forward
+
+    view, truth = case
+    model = view.copy_model().train()
+    fwd = Forward(model, 0)
+    x, y = to_float(truth.poisoned[:16]), torch.zeros(16, dtype=torch.long)  # learned: CE far below γ
+    ce = torch.nn.functional.cross_entropy(model(x), y)
+    low, _ = IsolationLoss(float(ce) + 1.0).loss(model, x, y, y, fwd)
+    high, _ = IsolationLoss(float(ce) / 2).loss(model, x, y, y, fwd)
+    assert float(low) == pytest.approx(-float(ce), rel=1e-5) and float(high) == pytest.approx(float(ce), rel=1e-5)
+    alone, _ = Unlearning(1.0, ImageSet(x[:0].to(torch.uint8), y[:0]), 0, view.spec, False, 0).loss(model, x, y, y, fwd)
+    assert float(alone) == pytest.approx(-float(ce), rel=1e-5)
+    hot, _ = Unlearning(10.0, ImageSet(x[:0].to(torch.uint8), y[:0]), 0, view.spec, False, 0).loss(model, x, y, y, fwd)
+    assert float(hot) == pytest.approx(-float(torch.nn.functional.cross_entropy(model(x) / 10, y)), rel=1e-5) and float(hot) < float(alone)
+
+
+def test_model_stack_trains_each_model_as_alone(mnist5k):
+    from backdoorlab.data.core import ImageSet
+    from backdoorlab.defenses.mntd import jumbo_triggers, train_models
+    from backdoorlab.models import arch_for
+
+    arch = arch_for("digit-cnn", mnist5k.spec, 0.25)
+    data = ImageSet(mnist5k.train.x[:96], mnist5k.train.y[:96])
+    trig, targets, rates = jumbo_triggers(3, mnist5k.spec.shape, 10, torch.Generator().manual_seed(0))
+    assert trig.mask.shape == (3, 1, 1, 28, 28) and bool(((rates >= 0.05) & (rates <= 0.5)).all())
+    for i in range(3):
+        m = trig.mask[i, 0, 0]
+        blend = bool((m == m[0, 0]).all())  # a full-image blend, or a 2-5 px binary patch
+        assert (0.05 <= float(m[0, 0]) <= 0.2) if blend else (4 <= int((m > 0).sum()) <= 25 and bool(((trig.pattern[i][0, 0][m > 0] == 0) | (trig.pattern[i][0, 0][m > 0] == 1)).all()))
+    rates[0] = 0.0  # model 0 clean
+    both = train_models(arch, data, mnist5k.spec, 2, 3, trig, targets, rates, 0, torch.device("cpu"))
+    alone = train_models(arch, data, mnist5k.spec, 2, 1, trig, targets, rates, 0, torch.device("cpu"))
+    for k in both:  # the summed loss gives each model exactly its own gradient
+        assert torch.allclose(both[k][0], alone[k][0], atol=1e-6), k
+    assert not torch.allclose(both["stages.head.weight"][0], both["stages.head.weight"][1])
+
+
+def test_mntd_caches_the_shadow_set_and_scores_models(bn, case, tmp_path):
+    import time
+
+    from backdoorlab.defenses.mntd import MNTDParams, cache_key
+
+    cache = tmp_path / "cache"
+    params = {"shadow_models": 4, "shadow_epochs": 3, "shadow_batch": 4, "meta_steps": 100}
+    m = run_defense(DefenseJob("mntd", str(bn), params=params, cache_dir=str(cache)), tmp_path / "first", progress=False)
+    assert not m["shadow_reused"] and [p.name for p in cache.iterdir()] == [f"mntd-shadows-{m['shadow_key']}.safetensors"]
+    assert m["meta_train_accuracy"] >= 0.75 and 0.0 <= m["meta_score"] <= 1.0 and m["flagged"] == (m["meta_score"] > 0.5)
+    t0 = time.perf_counter()
+    c = run_defense(DefenseJob("mntd", str(bn), "clean", params=params, cache_dir=str(cache)), tmp_path / "clean", progress=False)
+    assert c["shadow_reused"] and c["shadow_key"] == m["shadow_key"] and c["meta_train_accuracy"] == m["meta_train_accuracy"]
+    assert time.perf_counter() - t0 < m["seconds"]  # scoring another model skips the shadow training
+    assert json.loads((tmp_path / "first" / "config.json").read_text()).get("cache_dir") is None  # a cache is not part of the run
+    view = case[0]
+    p = MNTDParams(**params)
+    key = cache_key(view.model.arch, view.heldout, p, 0)
+    assert key == m["shadow_key"] != cache_key(view.model.arch, load_case(bn, heldout_seed=1)[0].heldout, p, 0)  # other defender data
+    assert key != cache_key(view.model.arch, view.heldout, MNTDParams(**{**params, "shadow_epochs": 4}), 0)
+    assert key == cache_key(view.model.arch, view.heldout, MNTDParams(**{**params, "meta_steps": 7}), 0)  # the meta-classifier is not cached
