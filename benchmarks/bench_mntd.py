@@ -6,7 +6,8 @@
 MNTD is fitted on RUN's defender view (the defender's clean held-out data, the run's architecture;
 the shadow set cached in --cache-dir, default OUT/cache). Then --suspects clean and --suspects
 backdoored suspect models of the same architecture are trained on the run's clean training set
-with the dataset's recipe for --epochs epochs: the backdoored ones with RUN's own trigger, target
+with the dataset's recipe for --epochs epochs (``--suspect-data heldout``: on the defender's held-out
+data, as the shadows are): the backdoored ones with RUN's own trigger, target
 and poison rate (BadNets: the attacker's patch), seeds apart from the shadows'. Neither kind is
 ever seen by the meta-classifier. Reported (OUT/mntd.json, OUT/mntd_scores.png): the suspects'
 clean accuracy and ASR, their meta scores, the AUROC (BadNets = positive), the score of RUN's own
@@ -35,7 +36,7 @@ from backdoorlab.plots import histograms
 from backdoorlab.validate import build_params
 
 
-def study(run: Path, out: Path, suspects: int = 6, epochs: int = 3, params: dict | None = None, cache_dir: Path | None = None, seed: int = 0) -> dict:
+def study(run: Path, out: Path, suspects: int = 6, epochs: int = 3, params: dict | None = None, cache_dir: Path | None = None, seed: int = 0, suspect_data: str = "train") -> dict:
     view, truth = load_case(run, seed=seed)
     view.cache_dir = cache_dir or out / "cache"
     defense = MNTD(build_params(MNTDParams, dict(params or {})))
@@ -52,7 +53,8 @@ def study(run: Path, out: Path, suspects: int = 6, epochs: int = 3, params: dict
     stacked = MaskPatternTrigger(trig.mask.cpu().expand(n, 1, *trig.mask.shape), trig.pattern.cpu().expand(n, 1, *trig.pattern.shape))
     rates = torch.tensor([0.0] * suspects + [float(cfg["params"].get("poison_rate", 0.1))] * suspects)
     t1 = time.perf_counter()
-    state = train_models(arch, data.train, data.spec, epochs, defense.p.shadow_batch, stacked, torch.full((n,), truth.target), rates, 10_000 + seed, view.device, desc="suspects")
+    train_set = data.train if suspect_data == "train" else view.heldout
+    state = train_models(arch, train_set, data.spec, epochs, defense.p.shadow_batch, stacked, torch.full((n,), truth.target), rates, 10_000 + seed, view.device, desc="suspects")
     t_suspects = time.perf_counter() - t1
     models = []
     for i in range(n):
@@ -64,7 +66,7 @@ def study(run: Path, out: Path, suspects: int = 6, epochs: int = 3, params: dict
     t_score = time.perf_counter() - t2
     run_models = meta_scores(meta, arch, [view.model, RunDir(run).load_model("clean_model.safetensors", view.device)])
     result = {
-        "run": str(run), "suspects_per_kind": suspects, "suspect_epochs": epochs, "params": vars(defense.p), "seed": seed,
+        "run": str(run), "suspect_data": suspect_data, "suspects_per_kind": suspects, "suspect_epochs": epochs, "params": vars(defense.p), "seed": seed,
         "auroc": auroc(scores[:suspects], scores[suspects:]),
         "scores_clean": scores[:suspects].tolist(), "scores_backdoored": scores[suspects:].tolist(),
         "suspect_clean_accuracy": [truth.clean_accuracy(m) for m in models],
@@ -89,13 +91,14 @@ def main() -> None:
     ap.add_argument("--suspects", type=int, default=6, help="clean and BadNets suspect models, each")
     ap.add_argument("--epochs", type=int, default=3, help="training epochs of each suspect")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--suspect-data", choices=["train", "heldout"], default="train", help="train the suspects on the run's training set, or on the defender's held-out data as the shadows are")
     ap.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE", help="an MNTD parameter")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    r = study(Path(a.run), Path(a.out), a.suspects, a.epochs, parse_pairs(a.param, "--param"), Path(a.cache_dir) if a.cache_dir else None, a.seed)
+    r = study(Path(a.run), Path(a.out), a.suspects, a.epochs, parse_pairs(a.param, "--param"), Path(a.cache_dir) if a.cache_dir else None, a.seed, a.suspect_data)
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}, indent=1))
 
 

@@ -430,7 +430,7 @@ def test_sentinet_separates_patched_inputs(bn):
     assert m["mean_fooled_poisoned"] > 0.8 and m["mean_fooled_clean"] < 0.3  # the patch carries its label along
     dec = json.loads((out / "decision.json").read_text())
     held = RunDir(out).load_tensors("decision.safetensors")
-    assert len(dec["boundary"]) in (1, 3) and float((held["heldout_scores"] > m["above_boundary_threshold"]).float().mean()) <= 0.01 + 1 / 200
+    assert len(dec["boundary"]) in (3, 5) and dec["boundary"][0] <= dec["boundary"][1] and float((held["heldout_scores"] > m["above_boundary_threshold"]).float().mean()) <= 0.01 + 1 / 200
     for f in ("sentinet_scores.png", "sentinet_fooled_avgconf.png", "sentinet_gradcam.png"):
         assert (out / f).stat().st_size > 0
 
@@ -445,7 +445,8 @@ def test_abl_isolates_the_poison_and_unlearns_it(bn):
     iso = RunDir(out).load_tensors("decision.safetensors")
     losses = iso["losses_after_isolation"]
     assert torch.equal(iso["isolated"], torch.sort(losses, stable=True).indices[:40].sort().values)  # the lowest losses
-    assert len(m["unlearning_isolated_accuracy"]) == 2 and 0.0 <= m["clean_accuracy"] <= 1.0
+    acc = m["unlearning_isolated_accuracy"]
+    assert 1 <= len(acc) <= 2 and (len(acc) == 2 or acc[0] <= 0.1) and 0.0 <= m["clean_accuracy"] <= 1.0  # stops once unlearned
     assert (out / "abl_losses.png").exists()
 
 
@@ -458,14 +459,32 @@ def test_abl_losses_ascend_below_gamma_and_on_the_isolated_samples(case):
     model = view.copy_model().train()
     fwd = Forward(model, 0)
     x, y = to_float(truth.poisoned[:16]), torch.zeros(16, dtype=torch.long)  # learned: CE far below γ
-    ce = torch.nn.functional.cross_entropy(model(x), y)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(x), y)
     low, _ = IsolationLoss(float(ce) + 1.0).loss(model, x, y, y, fwd)
     high, _ = IsolationLoss(float(ce) / 2).loss(model, x, y, y, fwd)
-    assert float(low) == pytest.approx(-float(ce), rel=1e-5) and float(high) == pytest.approx(float(ce), rel=1e-5)
+    assert float(low.detach()) == pytest.approx(-float(ce), rel=1e-5) and float(high.detach()) == pytest.approx(float(ce), rel=1e-5)
     alone, _ = Unlearning(1.0, ImageSet(x[:0].to(torch.uint8), y[:0]), 0, view.spec, False, 0).loss(model, x, y, y, fwd)
+    alone = alone.detach()
     assert float(alone) == pytest.approx(-float(ce), rel=1e-5)
     hot, _ = Unlearning(10.0, ImageSet(x[:0].to(torch.uint8), y[:0]), 0, view.spec, False, 0).loss(model, x, y, y, fwd)
-    assert float(hot) == pytest.approx(-float(torch.nn.functional.cross_entropy(model(x) / 10, y)), rel=1e-5) and float(hot) < float(alone)
+    with torch.no_grad():
+        ref = float(torch.nn.functional.cross_entropy(model(x) / 10, y))
+    assert float(hot.detach()) == pytest.approx(-ref, rel=1e-5) and float(hot.detach()) < float(alone)
+
+
+def test_a_hook_can_end_training_after_an_epoch(mnist5k):
+    from backdoorlab.data.core import ImageSet
+    from backdoorlab.models import build_model
+    from backdoorlab.train.trainer import TrainConfig, TrainHooks, train
+
+    class StopAtTwo(TrainHooks):
+        def end_epoch(self, model, epoch, record):
+            record["stop"] = epoch == 2
+
+    model = build_model("digit-cnn", mnist5k.spec, 0.25)
+    hist = train(model, ImageSet(mnist5k.train.x[:32], mnist5k.train.y[:32]), mnist5k.spec, TrainConfig(epochs=5, batch_size=16), hooks=StopAtTwo(), progress=False)
+    assert [r["epoch"] for r in hist.epochs] == [1, 2] and hist.epochs[-1]["stop"]
 
 
 def test_model_stack_trains_each_model_as_alone(mnist5k):

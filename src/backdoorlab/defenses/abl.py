@@ -22,9 +22,11 @@ Where we leave the reference defaults (5 epochs, lr 5e-4, plain cross-entropy): 
 isolated BadNets samples sit at logit margins of about 33, their cross-entropy is exactly 0 in
 float32 and its gradient about e^-33, so gradient ascent at any learning rate does not move
 (measured, docs/results.md §12). The ascent term therefore divides the logits by
-``unlearning_temperature`` = 10 (our addition) and runs 10 epochs at lr 1e-2 (our choices); the
-record ``unlearning_isolated_accuracy`` (the isolated samples' accuracy on their delivered labels
-per epoch, what the defender sees) shows when they are unlearned.
+``unlearning_temperature`` = 10 (our addition) and runs at most 10 epochs at lr 1e-2 (our
+choices). The ascent has no floor: run on, it drags clean accuracy down with it, so (our choice,
+``stop_when_unlearned``) the stage stops after the epoch in which the isolated samples' accuracy on
+their delivered labels falls to chance (1/classes), a reading the defender has; the record
+``unlearning_isolated_accuracy`` lists it per epoch.
 
 The decision is the isolated indices and the repaired model; scored with the truth: isolation
 precision and recall, clean accuracy and ASR after, and the losses of clean and poisoned samples
@@ -61,6 +63,7 @@ class ABLParams(DefenseParams):
     unlearning_batch_size: int = 16  # (choice)
     unlearning_temperature: float = 10.0  # (choice; the reference 1)
     rest_batch_size: int = 64  # (choice) kept samples learned beside each unlearning batch; 0 = unlearn alone
+    stop_when_unlearned: bool = True  # (choice) stop once the isolated samples' accuracy is at most 1/classes
 
     def validate(self) -> None:
         check_int("isolation_epochs", self.isolation_epochs)
@@ -89,10 +92,11 @@ class IsolationLoss(TrainHooks):
 class Unlearning(TrainHooks):
     """ABL's unlearning objective on a batch of isolated samples (the trainer's data): minus their
     cross-entropy of the logits divided by ``temperature``, plus the ordinary cross-entropy of a
-    batch of ``rest_batch`` samples drawn from the kept data ``rest`` (0: none)."""
+    batch of ``rest_batch`` samples drawn from the kept data ``rest`` (0: none); training stops after
+    the epoch in which the isolated samples' accuracy (on their delivered labels) fell to ``stop_below``."""
 
-    def __init__(self, temperature: float, rest: ImageSet, rest_batch: int, spec: DatasetSpec, augment: bool, seed: int) -> None:
-        self.t, self.rest, self.k, self.spec, self.augment = temperature, rest, rest_batch, spec, augment
+    def __init__(self, temperature: float, rest: ImageSet, rest_batch: int, spec: DatasetSpec, augment: bool, seed: int, stop_below: float | None = None) -> None:
+        self.t, self.rest, self.k, self.spec, self.augment, self.stop_below = temperature, rest, rest_batch, spec, augment, stop_below
         self.g = torch.Generator().manual_seed(seed)
 
     def loss(self, model: Classifier, x: Tensor, y: Tensor, idx: Tensor, forward: Forward) -> tuple[Tensor, Tensor]:
@@ -105,6 +109,9 @@ class Unlearning(TrainHooks):
                 xr = augment(xr, self.spec, self.g)
             loss = loss + F.cross_entropy(forward(xr), self.rest.y[j])
         return loss, out
+
+    def end_epoch(self, model: Classifier, epoch: int, record: dict) -> None:
+        record["stop"] = self.stop_below is not None and record["train_accuracy"] <= self.stop_below
 
 
 def sample_losses(model: Classifier, x: Tensor, y: Tensor) -> Tensor:
@@ -143,7 +150,9 @@ class ABL(Defense):
         if self.p.unlearning_epochs:
             un_cfg = TrainConfig(epochs=self.p.unlearning_epochs, batch_size=self.p.unlearning_batch_size, lr=self.p.unlearning_lr,
                                  momentum=0.9, weight_decay=recipe.weight_decay, schedule="none", augment=recipe.augment)
-            hist = train(model, data.subset(isolated), view.spec, un_cfg, seed=seed + 2, device=view.device, hooks=Unlearning(self.p.unlearning_temperature, rest.to(view.device), self.p.rest_batch_size, view.spec, recipe.augment, seed + 3), progress=view.progress, desc="ABL unlearning")
+            stop = 1.0 / view.num_classes if self.p.stop_when_unlearned else None
+            hooks = Unlearning(self.p.unlearning_temperature, rest.to(view.device), self.p.rest_batch_size, view.spec, recipe.augment, seed + 3, stop)
+            hist = train(model, data.subset(isolated), view.spec, un_cfg, seed=seed + 2, device=view.device, hooks=hooks, progress=view.progress, desc="ABL unlearning")
             unlearned = [r["train_accuracy"] for r in hist.epochs]
         return {"unlearning_isolated_accuracy": unlearned, "isolated": isolated, "isolated_count": k, "retrain_epochs": epochs, "losses_after_isolation": losses, "_model": model}
 

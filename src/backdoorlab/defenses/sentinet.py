@@ -7,8 +7,9 @@ unsure where a trigger would make it sure.
 Per input x with predicted label y:
 
 1. the salient region: the ``mask_fraction`` (our choice, 0.1) highest-scoring pixels of the
-   Grad-CAM map of y (:mod:`backdoorlab.models.gradcam`, last convolutional stage; the paper adds
-   class proposals and selective search, which we leave out);
+   Grad-CAM map of y (:mod:`backdoorlab.models.gradcam`, by default at the last convolutional
+   stage, another with ``stage``; the paper adds class proposals and selective search, which we
+   leave out);
 2. ``fooled``: the region of x pasted onto ``n_overlays`` (100) clean held-out images (one fixed
    draw for every input), the fraction of those pasted images predicted as y, counting only the
    overlays that the model does not already put in class y;
@@ -18,8 +19,8 @@ Per input x with predicted label y:
 The decision boundary comes from the defender's clean held-out images only, as in the paper: their
 (avgconf, fooled) points are cut into ``bins`` (10) equal avgconf intervals, the largest fooled
 value of each occupied interval is taken, and a degree-2 polynomial is fitted through those upper
-points (least squares; a constant when fewer than three intervals are occupied). An input's score
-is its height above that curve (high = poisoned); the threshold is the usual ``frr_target`` = 1%
+points (least squares; a constant when fewer than three intervals are occupied), held flat outside
+the clean points' avgconf range. An input's score is its height above that curve (high = poisoned); the threshold is the usual ``frr_target`` = 1%
 quantile of the held-out scores (:mod:`backdoorlab.defenses.input_detection`). Reported: AUROC, FRR,
 FAR, the score histograms, the paper's fooled-vs-avgconf scatter with the curve, and a heat-map
 figure (inputs, Grad-CAM maps, the regions cut out) for clean and poisoned inputs.
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..data.core import to_float
+from ..errors import ConfigError
 from ..models import Classifier
 from ..models.gradcam import grad_cam
 from ..plots import image_grid, scatter_with_curve
@@ -52,6 +54,7 @@ class SentiNetParams(DefenseParams):
     frr_target: float = 0.01
     chunk: int = 16  # inputs per forward batch (chunk x n_overlays images, twice)
     heatmap_images: int = 6  # clean and poisoned inputs shown in the heat-map figure (0 = none)
+    stage: str = ""  # the Grad-CAM layer (a stage name); "" = the model's last convolutional stage (the paper's)
 
     def validate(self) -> None:
         check_fraction("mask_fraction", self.mask_fraction)
@@ -62,10 +65,10 @@ class SentiNetParams(DefenseParams):
         check_int("heatmap_images", self.heatmap_images, 0)
 
 
-def salient_masks(model: Classifier, x: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+def salient_masks(model: Classifier, x: Tensor, fraction: float, stage: str = "") -> tuple[Tensor, Tensor]:
     """Grad-CAM maps of the predicted labels (N, H, W) and the binary masks (N, 1, H, W) of each
     map's top ``fraction`` of pixels (ties broken by position)."""
-    cam = grad_cam(model, x)
+    cam = grad_cam(model, x, stage=stage or None)
     flat = cam.flatten(1)
     k = max(1, round(fraction * flat.shape[1]))
     mask = torch.zeros_like(flat).scatter_(1, flat.topk(k, 1).indices, 1.0)
@@ -82,7 +85,7 @@ def sentinet_points(model: Classifier, x: Tensor, overlays: Tensor, p: SentiNetP
         xb = to_float(x[s : s + p.chunk]).to(device)
         y = model(xb).argmax(1)
         with torch.enable_grad():
-            _, m = salient_masks(model, xb, p.mask_fraction)
+            _, m = salient_masks(model, xb, p.mask_fraction, p.stage)
         m = m[:, None]  # (B, 1, 1, H, W)
         pasted = overlays[None] * (1 - m) + xb[:, None] * m  # (B, n, C, H, W)
         pred = model(pasted.flatten(0, 1)).argmax(1).view(len(xb), -1)
@@ -96,7 +99,8 @@ def sentinet_points(model: Classifier, x: Tensor, overlays: Tensor, p: SentiNetP
 
 
 def fit_boundary(avgconf: Tensor, fooled: Tensor, bins: int) -> list[float]:
-    """Polynomial coefficients (highest power first) through the per-interval maxima of the clean points."""
+    """The avgconf range of the clean points, then the polynomial coefficients (highest power
+    first) through their per-interval maxima."""
     a, f = avgconf.double().numpy(), fooled.double().numpy()
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(a, edges) - 1, 0, bins - 1)
@@ -106,13 +110,20 @@ def fit_boundary(avgconf: Tensor, fooled: Tensor, bins: int) -> list[float]:
         top = int(np.argmax(f[sel]))
         xs.append(a[sel][top])
         ys.append(f[sel][top])
+    lo, hi = (float(a.min()), float(a.max())) if len(a) else (0.0, 1.0)
     if len(xs) < 3:
-        return [float(max(ys))] if ys else [0.0]
-    return [float(c) for c in np.polyfit(xs, ys, 2)]
+        return [lo, hi, float(max(ys)) if ys else 0.0]
+    return [lo, hi, *(float(c) for c in np.polyfit(xs, ys, 2))]
 
 
-def above_boundary(coef: list[float], avgconf: Tensor, fooled: Tensor) -> Tensor:
-    return (fooled.double() - torch.from_numpy(np.polyval(coef, avgconf.double().numpy()))).float()
+def boundary_at(boundary: list[float], avgconf: np.ndarray) -> np.ndarray:
+    """The curve at ``avgconf``, held flat outside the clean points' range (no extrapolation)."""
+    lo, hi, *coef = boundary
+    return np.polyval(coef, np.clip(avgconf, lo, hi))
+
+
+def above_boundary(boundary: list[float], avgconf: Tensor, fooled: Tensor) -> Tensor:
+    return (fooled.double() - torch.from_numpy(boundary_at(boundary, avgconf.double().numpy()))).float()
 
 
 @DEFENSES.register("sentinet")
@@ -129,6 +140,8 @@ class SentiNet(ScoreDetector):
     p: SentiNetParams
 
     def decide(self, view: DefenderView) -> dict[str, Any]:
+        if self.p.stage and self.p.stage not in view.model.stage_names[:-1]:
+            raise ConfigError("params.stage", f"{self.p.stage!r} is not a stage of {view.model.arch.name} before its head: {view.model.stage_names[:-1]}")
         g = torch.Generator().manual_seed(view.seed)
         hold = view.heldout.x
         pick = torch.randperm(len(hold), generator=g)[: self.p.n_overlays]
@@ -149,14 +162,14 @@ class SentiNet(ScoreDetector):
         if path is not None:
             grid = np.linspace(0, 1, 101)
             scatter_with_curve({"clean": torch.stack([c[~flag], f[~flag]], 1), "poisoned": torch.stack([c[flag], f[flag]], 1)},
-                               (grid, np.polyval(decision["boundary"], grid)), path, "avgconf (inert pattern)", "fooled rate",
+                               (grid, boundary_at(decision["boundary"], grid)), path, "avgconf (inert pattern)", "fooled rate",
                                title=f"SentiNet: AUROC {metrics['auroc']:.3f}")
             metrics["scatter_plot"] = path.name
         k = self.p.heatmap_images
         path = view.plot_path("sentinet_gradcam.png")
         if path is not None and k > 0:
             x = to_float(torch.cat([view.inputs[~flag][:k], view.inputs[flag][:k]])).to(view.device)
-            cam, m = salient_masks(view.model, x, self.p.mask_fraction)
+            cam, m = salient_masks(view.model, x, self.p.mask_fraction, self.p.stage)
             heat = cam[:, None].expand_as(x)
             image_grid([x.cpu(), heat.cpu(), (x * m).cpu()], ["input", "Grad-CAM", "region"], path, n=len(x),
                        title=f"SentiNet regions: {min(k, int((~flag).sum()))} clean, then poisoned inputs")
