@@ -203,12 +203,12 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
                             if df.attacks is not None and a.label not in df.attacks:
                                 continue
                             did = f"defense/{base}/{slug(label)}/{slug(df.label)}/s{seed}"
-                            djob = DefenseJob(df.name, str(cell.dir), "backdoored", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params), df.max_inputs)
+                            djob = DefenseJob(df.name, str(cell.dir), "backdoored", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params), df.max_inputs, str(out / "cache"))
                             cells.append(Cell(did, "defense", d.name, m.label, seed, djob, root / did, df.resources or exp.resources, (aid,), label, a.label, point, df.label))
                             if df.clean_model and df.label not in on_clean:
                                 # the clean model, inspected once through the first attack run it defends
                                 on_clean.add(df.label)
                                 cid = f"defense/{base}/{slug(CLEAN_MODEL)}/{slug(df.label)}/s{seed}"
-                                cjob = DefenseJob(df.name, str(cell.dir), "clean", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params), df.max_inputs)
+                                cjob = DefenseJob(df.name, str(cell.dir), "clean", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params), df.max_inputs, str(out / "cache"))
                                 cells.append(Cell(cid, "defense", d.name, m.label, seed, cjob, root / cid, df.resources or exp.resources, (aid,), CLEAN_MODEL, CLEAN_MODEL, {}, df.label))
     return Grid(exp, out, cells)
