@@ -516,11 +516,14 @@ def test_mntd_caches_the_shadow_set_and_scores_models(bn, case, tmp_path):
     cache = tmp_path / "cache"
     params = {"shadow_models": 4, "shadow_epochs": 3, "shadow_batch": 4, "meta_steps": 100}
     m = run_defense(DefenseJob("mntd", str(bn), params=params, cache_dir=str(cache)), tmp_path / "first", progress=False)
-    assert not m["shadow_reused"] and [p.name for p in cache.iterdir()] == [f"mntd-shadows-{m['shadow_key']}.safetensors"]
+    assert not m["shadow_reused"] and sorted(p.name.split("-")[1] for p in cache.iterdir()) == ["meta", "shadows"]
+    assert (cache / f"mntd-shadows-{m['shadow_key']}.safetensors").exists()
     assert m["meta_train_accuracy"] >= 0.75 and 0.0 <= m["meta_score"] <= 1.0 and m["flagged"] == (m["meta_score"] > 0.5)
     t0 = time.perf_counter()
     c = run_defense(DefenseJob("mntd", str(bn), "clean", params=params, cache_dir=str(cache)), tmp_path / "clean", progress=False)
     assert c["shadow_reused"] and c["shadow_key"] == m["shadow_key"] and c["meta_train_accuracy"] == m["meta_train_accuracy"]
+    q1, q2 = (RunDir(tmp_path / d).load_tensors("decision.safetensors")["queries"] for d in ("first", "clean"))
+    assert torch.equal(q1, q2) and c["meta_loss_last"] == pytest.approx(m["meta_loss_last"])  # the cached meta-classifier
     assert time.perf_counter() - t0 < m["seconds"]  # scoring another model skips the shadow training
     assert json.loads((tmp_path / "first" / "config.json").read_text()).get("cache_dir") is None  # a cache is not part of the run
     view = case[0]

@@ -15,7 +15,8 @@ random position, random binary pattern, opacity U(0.8, 1)), else a blend of a fu
 pattern with opacity U(0.05, 0.2); a random target class; a poison rate U(0.05, 0.5). The shadow
 set is written as one safetensors file (stacked parameters) into the job's cache folder
 (``--cache-dir``), keyed by the architecture, the held-out data, the seed and these parameters:
-a second model with the same defender data is then scored in seconds.
+a second model with the same defender data is then scored in seconds (the trained queries and
+meta-classifier are cached beside it, keyed by the shadow set and the meta parameters).
 
 Meta-classifier (:func:`train_meta`): ``queries`` = 10 query images (SIBA's setting), kept in
 [0, 1] as sigmoid(θ), θ ~ N(0, 1); the feature of a model is the concatenation of its softmax
@@ -252,7 +253,20 @@ class MNTD(Defense):
     def fit(self, view: DefenderView) -> tuple[MetaClassifier, dict[str, Any]]:
         """The shadow set (cached) and the meta-classifier trained on it, with its record."""
         state, labels, reused, key = shadow_set(view, self.p)
-        meta, losses = train_meta(view.model.arch, state, labels, self.p, view.seed, view.device)
+        meta_cfg = {k: getattr(self.p, k) for k in ("queries", "hidden", "meta_steps", "meta_lr")}
+        mkey = hashlib.sha256(json.dumps({"shadows": key, "meta": meta_cfg, "seed": view.seed}, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(view.cache_dir) / f"mntd-meta-{mkey}.safetensors" if view.cache_dir else None
+        if path is not None and path.exists():  # the meta-classifier of these shadows: scoring a new model is one forward pass
+            tensors, meta_info = read_tensors(path)
+            arch = view.model.arch
+            meta = MetaClassifier(self.p.queries, (arch.in_channels, *arch.image_size), arch.num_classes, self.p.hidden, torch.Generator()).to(view.device)
+            meta.load_state_dict(tensors)
+            meta.eval()
+            losses = [float(meta_info["loss_first"]), float(meta_info["loss_last"])]
+        else:
+            meta, losses = train_meta(view.model.arch, state, labels, self.p, view.seed, view.device)
+            if path is not None:
+                write_safetensors(path, {k: v.detach() for k, v in meta.state_dict().items()}, {"loss_first": str(losses[0]), "loss_last": str(losses[-1])})
         with torch.no_grad():
             s = torch.sigmoid(meta(view.model.arch, {k: v.to(view.device) for k, v in state.items()})).cpu()
         acc = float(((s > self.p.threshold).long() == labels).float().mean())
