@@ -39,7 +39,7 @@ from ..data.core import to_float
 from ..errors import ConfigError
 from ..models import Classifier
 from ..models.gradcam import grad_cam
-from ..plots import image_grid, scatter_with_curve
+from ..plots import image_grid, scatter
 from ..validate import check_fraction, check_rate
 from .base import DEFENSES, DefenseParams, check_int
 from .input_detection import ScoreDetector
@@ -161,9 +161,8 @@ class SentiNet(ScoreDetector):
         path = view.plot_path("sentinet_fooled_avgconf.png")
         if path is not None:
             grid = np.linspace(0, 1, 101)
-            scatter_with_curve({"clean": torch.stack([c[~flag], f[~flag]], 1), "poisoned": torch.stack([c[flag], f[flag]], 1)},
-                               (grid, boundary_at(decision["boundary"], grid)), path, "avgconf (inert pattern)", "fooled rate",
-                               title=f"SentiNet: AUROC {metrics['auroc']:.3f}")
+            scatter({"clean": torch.stack([c[~flag], f[~flag]], 1), "poisoned": torch.stack([c[flag], f[flag]], 1)}, path,
+                    f"SentiNet: AUROC {metrics['auroc']:.3f}", (grid, boundary_at(decision["boundary"], grid)), "avgconf (inert pattern)", "fooled rate")
             metrics["scatter_plot"] = path.name
         k = self.p.heatmap_images
         path = view.plot_path("sentinet_gradcam.png")
