@@ -1,5 +1,6 @@
 """The ASR-versus-ε curves of every finished MMLM cell of a grid, as a markdown table (mean ± std
-over seeds, backdoored model and the clean model on the same crafted images).
+over seeds, backdoored model and the clean model on the same crafted images), with how far PGD got
+towards the Z_near codes (the median share of each image's latent distance to its code that is left).
 
     .venv/bin/python scripts/mmlm_curve.py runs/mmlm [--attack-label mmlm]
 
@@ -27,15 +28,18 @@ def curves(run: Path, label: str) -> dict[tuple[str, str, float], dict[str, list
             out[key]["backdoored"].append(point["attack_success_rate"])
             out[key]["clean"].append(point["attack_success_rate_clean_model"])
             out[key]["steps"].append(point["steps"])
+            if "latent_distance_left" in point:  # since session 6
+                out[key]["left"].append(point["latent_distance_left"])
     return out
 
 
 def markdown(data: dict) -> str:
-    lines = ["| dataset | model | ε (/255) | PGD steps | ASR, backdoored (%) | ASR, clean model (%) | seeds |", "|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | model | ε (/255) | PGD steps | ASR, backdoored (%) | ASR, clean model (%) | latent distance left (median, %) | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     for (ds, model, eps), v in sorted(data.items()):
         steps = "/".join(str(s) for s in sorted(set(v["steps"])))
         lines.append(f"| {ds} | {model} | {eps * 255:.0f} | {steps} | {format_mean_std(v['backdoored'], '.2f', 100)} | "
-                     f"{format_mean_std(v['clean'], '.2f', 100)} | {len(v['backdoored'])} |")
+                     f"{format_mean_std(v['clean'], '.2f', 100)} | {format_mean_std(v['left'], '.1f', 100)} | {len(v['backdoored'])} |")
     return "\n".join(lines)
 
 

@@ -43,6 +43,10 @@ def test_backdoor_beats_plain_adversarial_examples(mmlm_run):
     assert top["attack_success_rate"] > 0.5
     assert top["attack_success_rate"] > top["attack_success_rate_clean_model"] + 0.2
     assert top["attack_success_rate"] >= curve[0.05]["attack_success_rate"]
+    # PGD gets closer to the codes with a larger budget, never further than where it started
+    lefts = [curve[e]["latent_distance_left"] for e in (0.05, 0.2, 0.4)]
+    assert lefts == sorted(lefts, reverse=True) and lefts[-1] < lefts[0] and lefts[0] <= 1.0 + 1e-6
+    assert all(curve[e]["latent_distance_left_p90"] >= curve[e]["latent_distance_left"] for e in curve)
     assert m["latent_codes"]["z_far_count"] > 0 and m["latent_codes"]["z_near_count"] > 0
 
 
@@ -90,6 +94,7 @@ def test_z_near_keeps_the_widened_part_of_the_region_deepest_first():
     z, other = near_codes(backdoored, clean, codes, target=0, region="expansion", top=1.0)
     assert sorted(z[:, 0].tolist()) == [-0.5, 0.0, 0.5]  # not t = -2 (outside), not 1.5, 2.5 (clean target already)
     assert codes.stats["z_near_in_region"] == 5 and codes.stats["z_near_in_expansion"] == 3
+    assert codes.stats["near_pool_size"] == 6 and codes.stats["near_pool_in_clean_region"] == 2  # t = 1.5, 2.5
     z, other = near_codes(backdoored, clean, codes, target=0, region="expansion", top=0.5)
     assert z[:, 0].tolist() == [0.5, 0.0] and other.tolist() == [3, 2]  # ceil(1.5) = 2, largest margin first
     assert codes.stats["z_near_margin_min"] == pytest.approx(1.0)

@@ -152,13 +152,17 @@ class MMLM(ModelModificationAttack):
         enc = clean.features
         clean.requires_grad_(False)
         curve, cache = [], {}
+        start = (f_test - z.cpu()).norm(dim=1)  # each image's latent distance to its code before PGD
         for eps in sorted(set(p.curve_epsilons) | {p.epsilon}):
             steps = p.pgd_steps if eps == p.epsilon else p.curve_steps
             xp = self.craft(enc, x_clean, z, eps, steps)  # uint8: the curve measures what is delivered
             cache[eps] = xp
+            left = (features(clean, xp) - z.cpu()).norm(dim=1) / start.clamp_min(1e-12)
             curve.append({"epsilon": eps, "steps": steps,
                           "attack_success_rate": attack_success_rate(model, xp, y_clean, "all-to-one", p.target, spec.num_classes),
-                          "attack_success_rate_clean_model": attack_success_rate(clean, xp, y_clean, "all-to-one", p.target, spec.num_classes)})
+                          "attack_success_rate_clean_model": attack_success_rate(clean, xp, y_clean, "all-to-one", p.target, spec.num_classes),
+                          # how far PGD gets towards the codes: the share of the latent distance left (median, 90th percentile)
+                          "latent_distance_left": float(left.median()), "latent_distance_left_p90": float(left.quantile(0.9))})
         poisoned = cache[p.epsilon]
         reach = [c for c in curve if c["attack_success_rate"] >= 0.9]
         metrics = {"ot": {"steps": ot_res.steps, "grad_norm": ot_res.grad_norm, "converged": ot_res.converged, "samples": ot_res.n_samples, "seconds": ot_res.wall_time, "reused": reused},

@@ -117,6 +117,10 @@ def near_codes(model: Classifier, clean: Classifier, codes: LatentCodes, target:
     logits = model.head(pool)
     inside = logits.argmax(1) == target
     codes.stats["z_near_in_region"] = int(inside.sum())
+    # how much of the candidates' space the fine-tuning turned to the target: the pool's size and its
+    # part in the clean head's target region (set beside z_near_in_region, the fine-tuned head's part)
+    codes.stats["near_pool_size"] = int(len(pool))
+    codes.stats["near_pool_in_clean_region"] = int((clean.head(pool).argmax(1) == target).sum())
     if region == "expansion":
         inside &= clean.head(pool).argmax(1) != target
         codes.stats["z_near_in_expansion"] = int(inside.sum())
