@@ -3,6 +3,8 @@
 from . import activation_clustering  # noqa: F401  (registers)
 from . import cognitive_distillation  # noqa: F401  (registers)
 from . import fine_pruning  # noqa: F401  (registers)
+from . import input_blurring  # noqa: F401  (registers)
+from . import multi_layer_tuning  # noqa: F401  (registers)
 from . import neural_cleanse  # noqa: F401  (registers)
 from . import spectral_signatures  # noqa: F401  (registers)
 from . import strip  # noqa: F401  (registers)
