@@ -101,20 +101,20 @@ def test_trigger_mask_is_the_bottom_right_square():
 
 
 def test_injection_loss_pulls_triggered_features_to_the_target():
-    x = 0.2 * torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    y = torch.arange(64) % 3
+    x = 0.2 * torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(32) % 3
     target_x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     target_x[..., :14] = 1.0  # the target's images look nothing like the others
     trig = MaskPatternTrigger(trigger_mask((1, 28, 28), 0.2, 1), torch.ones(1, 28, 28))
     final = {}
     for weight in (0.0, 5.0):  # the same start, with and without the feature term
         torch.manual_seed(0)
-        model = build_model(replace(ARCH, num_classes=3, width=1.0))
+        model = build_model(replace(ARCH, num_classes=3, width=0.5))
         hooks = FeatureMatching(trig, 3, target_x, weight=weight)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for _ in range(15):
-            loss, out = hooks.loss(model, x, y, torch.arange(64), None)
-            assert out.shape == (64, 3)
+            loss, out = hooks.loss(model, x, y, torch.arange(32), None)
+            assert out.shape == (32, 3)
             opt.zero_grad()
             loss.backward()
             opt.step()
