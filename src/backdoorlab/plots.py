@@ -96,3 +96,21 @@ def scatter(points: dict[str, Tensor], path: str | Path, title: str = "") -> Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def scatter_with_curve(points: dict[str, Tensor], curve: tuple[Sequence[float], Sequence[float]], path: str | Path, xlabel: str, ylabel: str, title: str = "") -> Path:
+    """Point clouds (N, 2) per group with one curve through them (e.g. a decision boundary)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    for name, pts in points.items():
+        pts = pts.float().cpu().numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.5, label=name)
+    ax.plot(list(curve[0]), list(curve[1]), color="k", lw=1, label="boundary")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -59,6 +59,7 @@ class DefenderView:
     seed: int = 0
     out: Path | None = None  # where plots go
     progress: bool = False
+    cache_dir: Path | None = None  # where work that depends only on the defender's data may be shared between runs (MNTD's shadow set)
 
     @property
     def num_classes(self) -> int:

@@ -237,7 +237,7 @@ def _defense_cells(df: DefenseEntry, attack: Cell, base: str, label: str, group:
                 else:
                     on = f"{label}/{CLEAN_MODEL}"
             cid = f"defense/{base}/{slug(on)}/{slug(df.label)}/s{attack.seed}{rep}"
-            job = DefenseJob(df.name, str(attack.dir), model, df.heldout_fraction, held, seed, exp.device, dict(df.params), df.max_inputs)
+            job = DefenseJob(df.name, str(attack.dir), model, df.heldout_fraction, held, seed, exp.device, dict(df.params), df.max_inputs, str(root.parent / "cache"))
             cells.append(Cell(cid, "defense", attack.dataset, attack.model, attack.seed, job, root / cid, df.resources or exp.resources,
                               (attack.id,), lab, grp, pt, df.label, "backdoored" if model == "backdoored" else CLEAN_MODEL, r))
     return cells
