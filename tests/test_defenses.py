@@ -35,6 +35,8 @@ SMALL = {
     "fine-pruning": {"finetune_epochs": 2},
     "activation-clustering": {"tsne_points": 200},
     "spectral-signatures": {},
+    "input-blurring": {"kernel_sizes": [1, 3, 5]},
+    "multi-layer-tuning": {"frozen": [2, 3], "epochs": 1},
     "scale-up": {},
     "sentinet": {"n_overlays": 24, "heatmap_images": 3},
     "abl": {"isolation_epochs": 2, "retrain_epochs": 1, "unlearning_epochs": 1},

@@ -86,6 +86,12 @@ def detection_metrics(clean: Tensor, poisoned: Tensor, threshold: float) -> dict
     }
 
 
+def within_accuracy_drop(accuracies: list[float], reference: float, max_drop: float) -> list[int]:
+    """Indices of the settings whose (defender's held-out) accuracy stays within ``max_drop`` of
+    ``reference``: how a mitigation picks its strength without the ASR."""
+    return [i for i, a in enumerate(accuracies) if a >= reference - max_drop]
+
+
 # --------------------------------------------------------------------------- the contract
 
 
