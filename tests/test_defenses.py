@@ -1,4 +1,4 @@
-"""Defenses on one small BadNets run (made once per module): each must catch what it is known to catch.
+"""Defenses on one small BadNets run (``bn`` in conftest.py, made once per session): each must catch what it is known to catch.
 
 The run: MNIST-5k, digit-cnn at width 0.5, 3 epochs without augmentation, 10% of the training set
 poisoned (target 0); its clean model of the same seed serves the false-positive check.
@@ -24,52 +24,8 @@ from backdoorlab.defenses.spectral_signatures import spectral_scores
 from backdoorlab.defenses.view import limit
 from backdoorlab.train.evaluate import features
 from backdoorlab.errors import ConfigError, UnknownNameError
-from backdoorlab.jobs import AttackJob, run_attack
 from backdoorlab.metrics.ranking import auroc
 from backdoorlab.train.evaluate import predict
-
-SMALL = {
-    "neural-cleanse": {"max_images": 48, "max_epochs": 30},
-    "cognitive-distillation": {"steps": 50},
-    "strip": {"n_overlays": 32},
-    "fine-pruning": {"finetune_epochs": 2},
-    "activation-clustering": {"tsne_points": 200},
-    "spectral-signatures": {},
-    "input-blurring": {"kernel_sizes": [1, 3, 5]},
-    "multi-layer-tuning": {"frozen": [2, 3], "epochs": 1},
-    "scale-up": {},
-    "sentinet": {"n_overlays": 24, "heatmap_images": 3},
-    "abl": {"isolation_epochs": 2, "retrain_epochs": 1, "unlearning_epochs": 1},
-    "mntd": {"shadow_models": 4, "shadow_epochs": 2, "meta_steps": 20},
-}
-
-
-@pytest.fixture(scope="module")
-def bn(tmp_path_factory):
-    """A finished BadNets run (10% poison) with its clean model; one thread: faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("defenses") / "badnets"
-    job = AttackJob("mnist5k", "digit-cnn", width=0.5, seed=0, device="cpu", train={"epochs": 3, "batch_size": 64, "augment": False}, attack="badnets", params={"poison_rate": 0.1})
-    m = run_attack(job, out, progress=False)
-    assert m["attack_success_rate"] > 0.9 and m["clean_accuracy"] > 0.85  # a real backdoor to defend against
-    yield out
-    torch.set_num_threads(threads)
-
-
-MAX_INPUTS = {"cognitive-distillation": 48, "strip": 150, "sentinet": 60}  # test-time inputs presented, each of clean and poisoned
-
-
-@pytest.fixture(scope="module")
-def case(bn):
-    return load_case(bn)
-
-
-def defend(bn, name, model="backdoored", truth_hook=None, tag="", **extra):
-    out = bn.parent / "-".join([name, model, tag, *(f"{k}={v}" for k, v in extra.items())])
-    job = DefenseJob(name, str(bn), model, params={**SMALL[name], **extra}, max_inputs=MAX_INPUTS.get(name, 1000))
-    return run_defense(job, out, progress=False, truth_hook=truth_hook), out
-
 
 # ----------------------------------------------------------------------------- the defender's view
 
@@ -134,7 +90,7 @@ def test_neural_cleanse_anomaly_index_uses_the_reference_median():
         assert (idx == 0).sum() == (n % 2)  # an even count has no label exactly at the median
 
 
-def test_decisions_do_not_depend_on_the_ground_truth(bn):
+def test_decisions_do_not_depend_on_the_ground_truth(bn, defend):
     """The defender's view holds no poison flag, target or trigger: with the ground truth shuffled
     (another target, permuted poison flags), every defense decides exactly the same, bit for bit,
     and only its scores move."""
@@ -150,7 +106,7 @@ def test_decisions_do_not_depend_on_the_ground_truth(bn):
         assert any(real[k] != fake[k] for k in scored if isinstance(real[k], (int, float))), name  # the truth does reach the scoring
 
 
-def test_defenses_on_an_attack_that_leaves_the_training_set_clean(bn, tmp_path):
+def test_defenses_on_an_attack_that_leaves_the_training_set_clean(bn, tmp_path, small_defense_params):
     """A test-time attack (as MMLM): no poison indices, only poisoned test images. Data-level
     defenses inspect the presented inputs, labelled as the model predicts them."""
     run = tmp_path / "test-time"
@@ -164,7 +120,7 @@ def test_defenses_on_an_attack_that_leaves_the_training_set_clean(bn, tmp_path):
     assert torch.equal(view.inspected.y, predict(view.model, view.inputs))  # the model's labels, not η(y)
     assert torch.equal(truth.inspected_poisoned, truth.inputs_poisoned)
     for name in ("activation-clustering", "spectral-signatures"):
-        m = run_defense(DefenseJob(name, str(run), params=SMALL[name]), tmp_path / name, progress=False)
+        m = run_defense(DefenseJob(name, str(run), params=small_defense_params[name]), tmp_path / name, progress=False)
         assert m["inspected"] == "test-inputs" and m["recall"] > 0
         if name == "activation-clustering":
             sizes = [r["size"] for r in m["per_class"]]
@@ -182,7 +138,7 @@ def test_defenses_on_an_attack_that_leaves_the_training_set_clean(bn, tmp_path):
 # ----------------------------------------------------------------------------- detection
 
 
-def test_neural_cleanse_flags_the_target_and_not_the_clean_model(bn):
+def test_neural_cleanse_flags_the_target_and_not_the_clean_model(bn, defend):
     m, out = defend(bn, "neural-cleanse")
     assert m["flagged_labels"] == [0] and m["anomaly_index"] > 2 and m["smallest_l1_label"] == 0
     assert (out / m["plot"]).stat().st_size > 0
@@ -191,7 +147,7 @@ def test_neural_cleanse_flags_the_target_and_not_the_clean_model(bn):
     assert m["l1"][0] < 0.5 * c["l1"][0]  # the backdoor's trigger is far smaller than a natural one
 
 
-def test_strip_separates_poisoned_inputs(bn):
+def test_strip_separates_poisoned_inputs(bn, defend):
     m, out = defend(bn, "strip")
     assert m["auroc"] >= 0.9 and m["far"] <= 0.1 and m["frr"] <= 0.05
     assert m["scored_clean"] == m["scored_poisoned"] == 150
@@ -199,7 +155,7 @@ def test_strip_separates_poisoned_inputs(bn):
     assert (out / "strip_entropy.png").exists()
 
 
-def test_activation_clustering_splits_clean_from_poison(bn):
+def test_activation_clustering_splits_clean_from_poison(bn, defend):
     m, out = defend(bn, "activation-clustering")
     assert m["ari"] >= 0.5 and m["inspected"] == "training-set"
     tgt = m["per_class"][0]
@@ -207,7 +163,7 @@ def test_activation_clustering_splits_clean_from_poison(bn):
     assert (out / "activation_clustering_tsne.png").exists()
 
 
-def test_spectral_signatures(bn, case):
+def test_spectral_signatures(bn, case, defend):
     view, truth = case
     m, out = defend(bn, "spectral-signatures")
     data, flag = view.inspected, truth.inspected_poisoned
@@ -233,7 +189,7 @@ def test_spectral_signatures(bn, case):
     assert torch.allclose(one, s)
 
 
-def test_cognitive_distillation_finds_small_output_preserving_masks(bn, case):
+def test_cognitive_distillation_finds_small_output_preserving_masks(bn, case, defend):
     view, truth = case
     m, out = defend(bn, "cognitive-distillation")
     assert m["scored_clean"] == m["scored_poisoned"] == 48 and (out / "cognitive_distillation_l1.png").exists()
@@ -277,7 +233,7 @@ def test_cognitive_distillation_separates_a_backdoor_that_dominates_the_output(c
     assert float(l1[24:].median()) < 0.5 * float(l1[:24].median())
 
 
-def test_fine_pruning_curve_and_choice(bn):
+def test_fine_pruning_curve_and_choice(bn, defend):
     m, out = defend(bn, "fine-pruning")
     c = m["curve"]
     assert c["fraction"][0] == 0 and c["fraction"][-1] == 1 and len(c["fraction"]) == m["channels"] + 1
@@ -382,155 +338,3 @@ def test_defense_benchmark_gives_grid_cells_with_one_folder_name_distinct_output
     assert len(set(mod.run_labels([Path("/t/a"), Path("/t/a")]))) == 2
 
 
-# ----------------------------------------------------------------------------- SCALE-UP, Grad-CAM, SentiNet (issue 16)
-
-
-def test_scale_up_scores_and_threshold(bn, case):
-    from backdoorlab.defenses.scale_up import scaled_consistency
-
-    view, truth = case
-    x = truth.poisoned[:5]
-    hard = scaled_consistency(view.model, x, (3, 7), False, 2, view.device)
-    soft = scaled_consistency(view.model, x, (3, 7), True, 2, view.device)
-    label = predict(view.model, x)
-    for i in range(5):  # the batched scores are the per-image definition
-        copies = torch.stack([(n * to_float(x[i])).clamp(0, 1) for n in (3, 7)])
-        with torch.no_grad():
-            out = view.model(copies)
-        prob = torch.softmax(out, 1)[:, label[i]]
-        assert hard[i] == float((out.argmax(1) == label[i]).float().mean())
-        assert soft[i] == pytest.approx(float(prob.mean()), abs=1e-5)
-    m, out = defend(bn, "scale-up")
-    held = RunDir(out).load_tensors("decision.safetensors")["heldout_scores"]
-    assert float((held > m["consistency_threshold"]).float().mean()) <= 0.01  # ties at the top reject fewer
-    # near-binary digits: scaling saturates the strokes, clean digits keep their label too (results §12)
-    assert m["mean_consistency_clean"] > 0.9 and m["mean_consistency_poisoned"] >= m["mean_consistency_clean"]
-    s, out = defend(bn, "scale-up", score="soft")
-    assert s["auroc"] >= 0.9 and s["mean_consistency_poisoned"] > s["mean_consistency_clean"]
-    assert (out / "scale_up_consistency.png").exists()
-
-
-def test_grad_cam_points_at_the_patch(case):
-    from backdoorlab.models.gradcam import grad_cam
-
-    view, truth = case
-    x = to_float(truth.poisoned[:32])
-    cam = grad_cam(view.model, x)
-    assert cam.shape == (32, 28, 28) and float(cam.min()) >= 0 and torch.allclose(cam.flatten(1).amax(1), torch.ones(32))
-    patch = truth.trigger.mask.cpu()[0] > 0
-    near = torch.nn.functional.max_pool2d(patch[None, None].float(), 7, 1, 3)[0, 0] > 0  # the patch and 3 px around it
-    assert float(cam[:, near].mean()) > 2 * float(cam[:, ~near].mean())  # the target label rests on the patch
-    clean = grad_cam(view.model, to_float(truth.evaluation.x[:32]))
-    assert float(clean[:, near].mean()) < float(cam[:, near].mean())
-    y = torch.full((32,), 3)  # another class explained: another map
-    assert not torch.allclose(grad_cam(view.model, x, y), cam)
-
-
-def test_sentinet_separates_patched_inputs(bn):
-    m, out = defend(bn, "sentinet")
-    assert m["auroc"] >= 0.9 and m["scored_clean"] == m["scored_poisoned"] == 60
-    assert m["mean_fooled_poisoned"] > 0.8 and m["mean_fooled_clean"] < 0.3  # the patch carries its label along
-    dec = json.loads((out / "decision.json").read_text())
-    held = RunDir(out).load_tensors("decision.safetensors")
-    assert len(dec["boundary"]) in (3, 5) and dec["boundary"][0] <= dec["boundary"][1] and float((held["heldout_scores"] > m["above_boundary_threshold"]).float().mean()) <= 0.01 + 1 / 200
-    for f in ("sentinet_scores.png", "sentinet_fooled_avgconf.png", "sentinet_gradcam.png"):
-        assert (out / f).stat().st_size > 0
-
-
-# ----------------------------------------------------------------------------- ABL, MNTD (issue 16)
-
-
-def test_abl_isolates_the_poison_and_unlearns_it(bn):
-    m, out = defend(bn, "abl", tag="full", isolation_epochs=5, retrain_epochs=1, unlearning_epochs=2)
-    assert m["isolated_count"] == 40 and m["isolation_precision"] >= 0.9  # BadNets samples are learned first
-    assert m["isolation_recall"] == pytest.approx(m["isolation_precision"] * 40 / 400)
-    iso = RunDir(out).load_tensors("decision.safetensors")
-    losses = iso["losses_after_isolation"]
-    assert torch.equal(iso["isolated"], torch.sort(losses, stable=True).indices[:40].sort().values)  # the lowest losses
-    acc = m["unlearning_isolated_accuracy"]
-    assert 1 <= len(acc) <= 2 and (len(acc) == 2 or acc[0] <= 0.1) and 0.0 <= m["clean_accuracy"] <= 1.0  # stops once unlearned
-    assert (out / "abl_losses.png").exists()
-
-
-def test_abl_losses_ascend_below_gamma_and_on_the_isolated_samples(case):
-    from backdoorlab.data.core import ImageSet
-    from backdoorlab.defenses.abl import IsolationLoss, Unlearning
-    from backdoorlab.train.trainer import Forward
-
-    view, truth = case
-    model = view.copy_model().train()
-    fwd = Forward(model, 0)
-    x, y = to_float(truth.poisoned[:16]), torch.zeros(16, dtype=torch.long)  # learned: CE far below γ
-    with torch.no_grad():
-        ce = torch.nn.functional.cross_entropy(model(x), y)
-    low, _ = IsolationLoss(float(ce) + 1.0).loss(model, x, y, y, fwd)
-    high, _ = IsolationLoss(float(ce) / 2).loss(model, x, y, y, fwd)
-    assert float(low.detach()) == pytest.approx(-float(ce), rel=1e-5) and float(high.detach()) == pytest.approx(float(ce), rel=1e-5)
-    alone, _ = Unlearning(1.0, ImageSet(x[:0].to(torch.uint8), y[:0]), 0, view.spec, False, 0).loss(model, x, y, y, fwd)
-    alone = alone.detach()
-    assert float(alone) == pytest.approx(-float(ce), rel=1e-5)
-    hot, _ = Unlearning(10.0, ImageSet(x[:0].to(torch.uint8), y[:0]), 0, view.spec, False, 0).loss(model, x, y, y, fwd)
-    with torch.no_grad():
-        ref = float(torch.nn.functional.cross_entropy(model(x) / 10, y))
-    assert float(hot.detach()) == pytest.approx(-ref, rel=1e-5) and float(hot.detach()) < float(alone)
-
-
-def test_a_hook_can_end_training_after_an_epoch(mnist5k):
-    from backdoorlab.data.core import ImageSet
-    from backdoorlab.models import build_model
-    from backdoorlab.train.trainer import TrainConfig, TrainHooks, train
-
-    class StopAtTwo(TrainHooks):
-        def end_epoch(self, model, epoch, record):
-            record["stop"] = epoch == 2
-
-    model = build_model("digit-cnn", mnist5k.spec, 0.25)
-    hist = train(model, ImageSet(mnist5k.train.x[:32], mnist5k.train.y[:32]), mnist5k.spec, TrainConfig(epochs=5, batch_size=16), hooks=StopAtTwo(), progress=False)
-    assert [r["epoch"] for r in hist.epochs] == [1, 2] and hist.epochs[-1]["stop"]
-
-
-def test_model_stack_trains_each_model_as_alone(mnist5k):
-    from backdoorlab.data.core import ImageSet
-    from backdoorlab.defenses.mntd import jumbo_triggers, train_models
-    from backdoorlab.models import arch_for
-
-    arch = arch_for("digit-cnn", mnist5k.spec, 0.25)
-    data = ImageSet(mnist5k.train.x[:96], mnist5k.train.y[:96])
-    trig, targets, rates = jumbo_triggers(3, mnist5k.spec.shape, 10, torch.Generator().manual_seed(0))
-    assert trig.mask.shape == (3, 1, 1, 28, 28) and bool(((rates >= 0.05) & (rates <= 0.5)).all())
-    for i in range(3):
-        m = trig.mask[i, 0, 0]
-        blend = bool((m == m[0, 0]).all())  # a full-image blend, or a 2-5 px binary patch
-        assert (0.05 <= float(m[0, 0]) <= 0.2) if blend else (4 <= int((m > 0).sum()) <= 25 and bool(((trig.pattern[i][0, 0][m > 0] == 0) | (trig.pattern[i][0, 0][m > 0] == 1)).all()))
-    rates[0] = 0.0  # model 0 clean
-    both = train_models(arch, data, mnist5k.spec, 2, 3, trig, targets, rates, 0, torch.device("cpu"))
-    alone = train_models(arch, data, mnist5k.spec, 2, 1, trig, targets, rates, 0, torch.device("cpu"))
-    for k in both:  # the summed loss gives each model exactly its own gradient
-        assert torch.allclose(both[k][0], alone[k][0], atol=1e-6), k
-    assert not torch.allclose(both["stages.head.weight"][0], both["stages.head.weight"][1])
-
-
-def test_mntd_caches_the_shadow_set_and_scores_models(bn, case, tmp_path):
-    import time
-
-    from backdoorlab.defenses.mntd import MNTDParams, cache_key
-
-    cache = tmp_path / "cache"
-    params = {"shadow_models": 4, "shadow_epochs": 3, "shadow_batch": 4, "meta_steps": 100}
-    m = run_defense(DefenseJob("mntd", str(bn), params=params, cache_dir=str(cache)), tmp_path / "first", progress=False)
-    assert not m["shadow_reused"] and sorted(p.name.split("-")[1] for p in cache.iterdir()) == ["meta", "shadows"]
-    assert (cache / f"mntd-shadows-{m['shadow_key']}.safetensors").exists()
-    assert m["meta_train_accuracy"] >= 0.75 and 0.0 <= m["meta_score"] <= 1.0 and m["flagged"] == (m["meta_score"] > 0.5)
-    t0 = time.perf_counter()
-    c = run_defense(DefenseJob("mntd", str(bn), "clean", params=params, cache_dir=str(cache)), tmp_path / "clean", progress=False)
-    assert c["shadow_reused"] and c["shadow_key"] == m["shadow_key"] and c["meta_train_accuracy"] == m["meta_train_accuracy"]
-    q1, q2 = (RunDir(tmp_path / d).load_tensors("decision.safetensors")["queries"] for d in ("first", "clean"))
-    assert torch.equal(q1, q2) and c["meta_loss_last"] == pytest.approx(m["meta_loss_last"])  # the cached meta-classifier
-    assert time.perf_counter() - t0 < m["seconds"]  # scoring another model skips the shadow training
-    assert json.loads((tmp_path / "first" / "config.json").read_text()).get("cache_dir") is None  # a cache is not part of the run
-    view = case[0]
-    p = MNTDParams(**params)
-    key = cache_key(view.model.arch, view.heldout, p, 0)
-    assert key == m["shadow_key"] != cache_key(view.model.arch, load_case(bn, heldout_seed=1)[0].heldout, p, 0)  # other defender data
-    assert key != cache_key(view.model.arch, view.heldout, MNTDParams(**{**params, "shadow_epochs": 4}), 0)
-    assert key == cache_key(view.model.arch, view.heldout, MNTDParams(**{**params, "meta_steps": 7}), 0)  # the meta-classifier is not cached
