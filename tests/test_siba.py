@@ -141,6 +141,18 @@ def test_tuap_is_dense_and_bounded():
     assert int((delta.abs() > 0).any(0).sum()) > 100  # no L0 constraint: most of the 144 positions
 
 
+def test_triggers_are_cached_by_what_changes_them(tmp_path):
+    ctx = _rgb_ctx()
+    ctx.cache_dir = tmp_path
+    base = dict(k=10, epsilon=12 / 255, epochs=2, surrogate="clean", batch_size=32)
+    first = SIBA(SIBAParams(**base))
+    d1 = first.make_delta(ctx)
+    second = SIBA(SIBAParams(**base, poison_rate=0.05))  # the poison rate does not change δ
+    assert torch.equal(second.make_delta(ctx), d1) and second.extra_metrics["trigger_from_cache"]
+    third = SIBA(SIBAParams(**{**base, "epsilon": 20 / 255}))
+    assert not torch.equal(third.make_delta(ctx), d1) and not third.extra_metrics["trigger_from_cache"]
+
+
 def test_surrogates_are_seeded_apart_from_the_victim():
     ctx = _rgb_ctx()
     s = SIBA(SIBAParams(k=5, epochs=1, batch_size=32)).surrogate(ctx)  # independent: trained here

@@ -109,7 +109,7 @@ class OptimisedParams:
 
     alpha: float = 0.8
     loss_cap: float = 10.0
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 128
     data_fraction: float = 1.0
     surrogate: Literal["independent", "clean"] = "independent"
@@ -168,7 +168,12 @@ class AdditiveAttack(PoisoningAttack):
             **getattr(self, "extra_metrics", {}),
         })
         if self.p.test_epsilons:
-            res.metrics["asymmetric_curve"] = self.asymmetric_curve(ctx, res.model, delta)
+            curve = res.metrics["asymmetric_curve"] = self.asymmetric_curve(ctx, res.model, delta)
+            if ctx.workdir is not None:
+                from ..plots import line_plot
+
+                line_plot([c["epsilon"] * 255 for c in curve], {"backdoored model": [c["attack_success_rate"] for c in curve], "clean model (same images)": [c["attack_success_rate_clean_model"] for c in curve]},
+                          ctx.workdir / "asymmetric_asr.png", "test-time ε·255 (x + ε·sign(δ))", "attack success rate", f"{self.name}: trained with ε = {self.p.epsilon * 255:.0f}/255")
         if ctx.workdir is not None:
             from ..plots import image_grid
 
@@ -226,10 +231,27 @@ class OptimisedAttack(AdditiveAttack):
     def projection(self, ctx: AttackContext, shape: tuple[int, int, int]):
         return None
 
+    # parameters that do not change δ: cells that differ only in these share one cached trigger
+    NOT_IN_TRIGGER = ("poison_rate", "restrict", "clean_label", "test_epsilons")
+
     def make_delta(self, ctx: AttackContext) -> Tensor:
         p = self.p
         model = self.surrogate(ctx).eval()
         data = self.attacker_data(ctx).to(ctx.device)
+        path = None
+        if ctx.cache_dir is not None:  # the same surrogate, data, parameters and seed give the same δ
+            from safetensors.torch import load_file
+
+            h = hashlib.sha256(data.x.cpu().numpy().tobytes() + data.y.cpu().numpy().tobytes())
+            for t in model.state_dict().values():
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            h.update(repr((self.name, ctx.seed, {k: v for k, v in asdict(p).items() if k not in self.NOT_IN_TRIGGER})).encode())
+            path = ctx.cache_dir / f"trigger-{self.name}-{h.hexdigest()[:24]}.safetensors"
+            if path.exists():
+                t = load_file(str(path))
+                history = t["history"].tolist()
+                self._history_metrics(history, cached=True)
+                return t["delta"]
         goal = self.labels(data.y, ctx.data.spec.num_classes)
         model.requires_grad_(False)
 
@@ -242,9 +264,17 @@ class OptimisedAttack(AdditiveAttack):
             delta, history = universal_pgd(data.x, loss, cfg, self.projection(ctx, ctx.data.spec.shape), gen)
         finally:
             model.requires_grad_(True)
-        best = min(range(len(history)), key=history.__getitem__)
-        self.extra_metrics = {"trigger_loss_history": history, "trigger_best_epoch": best + 1, "trigger_best_loss": history[best]}
+        self._history_metrics(history, cached=False)
+        if path is not None:
+            from ..artifacts import write_safetensors
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(path, {"delta": delta.cpu(), "history": torch.tensor(history, dtype=torch.float64)})
         return delta
+
+    def _history_metrics(self, history: list[float], cached: bool) -> None:
+        best = min(range(len(history)), key=history.__getitem__)
+        self.extra_metrics = {"trigger_loss_history": history, "trigger_best_epoch": best + 1, "trigger_best_loss": history[best], "trigger_from_cache": cached}
 
 
 @dataclass
