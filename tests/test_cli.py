@@ -91,11 +91,14 @@ def test_bad_dataset_with_force_keeps_the_finished_run(tmp_path, capsys):
     broken.mkdir()
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (broken / name).write_bytes(b"\x00\x00\x08\x03garbage")  # right magic, truncated header
-    for cmd in (["train"], ["attack", "badnets"]):
-        assert main([*cmd, "--dataset", "mnist", "--data-root", str(broken), "--quiet", "--force", "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert "broken" in err and "train-images-idx3-ubyte" in err
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["train", "--dataset", "mnist", "--data-root", str(broken), "--quiet", "--force", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "broken" in err and "train-images-idx3-ubyte" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # an attack never takes over a train run's folder, even with --force
+    assert main(["attack", "badnets", "--dataset", "mnist", "--data-root", str(broken), "--quiet", "--force", "--out", str(out)]) == 2
+    assert "holds a train run, not an attack run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     fresh = tmp_path / "fresh"
     assert main(["attack", "badnets", "--dataset", "mnist", "--data-root", str(broken), "--quiet", "--out", str(fresh)]) == 2
     assert not fresh.exists()

@@ -133,6 +133,11 @@ def _mutate(path: str, value):
     (_mutate("resources.gpus", -1), "resources.gpus", "[0, 1024]"),
     (_mutate("colour", "red"), "colour", "unknown key"),
     (_mutate("models", KeyError), "models", "required"),
+    (_mutate("attacks.0.datasets", ["mnist5k"]), "attacks[0].datasets", "no dataset 'mnist5k'"),
+    (_mutate("attacks.0.dataset_params", {"digits": {"patch_size": 0}}), "attacks[0].params.patch_size", ">= 1"),
+    (_mutate("attacks.0.dataset_params", {"digits": 3}), "attacks[0].dataset_params.digits", "mapping"),
+    (_mutate("defenses.0.repeats", 0), "defenses[0].repeats", "1 to 100"),
+    (_mutate("tables.3", {"kind": "control", "defenses": ["magic"]}), "tables[3].defenses", "no defense labelled 'magic'"),
 ])
 def test_bad_files_fail_before_any_work_naming_the_field(tmp_path, change, field, text):
     with pytest.raises(ConfigError) as e:
@@ -160,7 +165,7 @@ def test_grid_shares_one_clean_model_per_dataset_model_and_seed(tmp_path):
     doc["defenses"][0]["clean_model"] = True
     grid = prepare(parse_experiment(doc), tmp_path)
     kinds = [c.kind for c in grid]
-    assert kinds.count("clean") == 2 and kinds.count("attack") == 6 and kinds.count("defense") == 6
+    assert kinds.count("clean") == 2 and kinds.count("attack") == 6 and kinds.count("defense") == 8
     for c in grid:
         assert all(grid.cells.index(grid.by_id[d]) < grid.cells.index(c) for d in c.deps)  # dependency order
         if c.kind == "attack":
@@ -170,8 +175,41 @@ def test_grid_shares_one_clean_model_per_dataset_model_and_seed(tmp_path):
     labels = [c.attack for c in grid if c.kind == "attack" and c.seed == 0]
     assert labels == ["BadNets (poison_rate=0.05)", "BadNets (poison_rate=0.2)", "BadNets (head)"]
     assert [c.job.params["poison_rate"] for c in grid if c.group == "BadNets" and c.kind == "attack" and c.seed == 0] == [0.05, 0.2]
-    on_clean = [c for c in grid if c.attack == "clean model"]
-    assert len(on_clean) == 2 and all(c.job.model == "clean" for c in on_clean)
+    # Activation Clustering reads the attack's data: its control runs beside every attack cell, on the same run
+    on_clean = [c for c in grid if c.inspected == "clean model"]
+    assert len(on_clean) == 4 and all(c.job.model == "clean" for c in on_clean)
+    for c in on_clean:
+        twin = grid.by_id[c.id.replace("-clean-model/", "/")]
+        assert (twin.inspected, twin.job.model, twin.attack) == ("backdoored", "backdoored", c.attack)
+        assert c.deps == twin.deps and c.job.run == twin.job.run and c.job.seed == twin.job.seed
+
+
+def test_defense_repeats_and_a_model_inspection_control_run_once(tmp_path):
+    doc = copy.deepcopy(GRID)
+    doc["seeds"] = [0]
+    doc["defenses"] = [{"name": "neural-cleanse", "clean_model": True, "repeats": 3}]
+    grid = prepare(parse_experiment(doc), tmp_path)
+    cells = [c for c in grid if c.kind == "defense"]
+    # two attacks x three defense seeds on the backdoored models; the clean model once per defense seed
+    assert sorted((c.attack, c.repeat) for c in cells if c.inspected == "backdoored") == [(a, r) for a in ("BadNets", "BadNets (head)") for r in range(3)]
+    control = [c for c in cells if c.inspected == "clean model"]
+    assert [(c.attack, c.repeat) for c in control] == [("clean model", r) for r in range(3)]
+    assert [(c.job.seed, c.job.heldout_seed) for c in control] == [(0, 0), (1000, 1), (2000, 2)]
+    assert [c.id for c in cells if c.repeat == 0 and c.inspected == "backdoored"][0] == "defense/digits/digit-cnn-w0.5/badnets/neural-cleanse/s0"
+    assert len({c.id for c in cells}) == len(cells) == 9
+
+
+def test_an_attack_entry_can_run_on_some_datasets_with_their_own_parameters(tmp_path):
+    doc = copy.deepcopy(GRID)
+    doc["seeds"] = [0]
+    doc["datasets"] = ["digits", "mnist5k"]
+    doc["attacks"][0].update(dataset_params={"mnist5k": {"patch_size": 4}})
+    doc["attacks"][1].update(datasets=["digits"])
+    grid = prepare(parse_experiment(doc), tmp_path)
+    attacks = {(c.group, c.dataset): c.job.params["patch_size"] for c in grid if c.kind == "attack"}
+    assert attacks == {("BadNets", "digits"): 2, ("BadNets", "mnist5k"): 4, ("BadNets (head)", "digits"): 2}
+    defended = sorted((c.group, c.dataset) for c in grid if c.kind == "defense")
+    assert defended == [("BadNets", "digits"), ("BadNets", "mnist5k")]
 
 
 def test_a_second_run_on_the_same_folder_at_once_is_refused(tmp_path):
@@ -214,6 +252,13 @@ def test_local_run_writes_one_row_per_cell_and_metric_and_a_report(reference):
         assert (out / rel).is_file()
     assert "badnets/s0/samples.png" in report and "activation_clustering" in report
     assert json.loads((out / "progress.json").read_text())["done"] == 8
+    # where the time went: every cell's wall time, grouped by entry
+    secs = {c: json.loads((out / "cells" / c / "metrics.json").read_text())["seconds"] for c in SEED0 + SEED1}
+    timing = report[report.index("## Where the time went"):]
+    row = next(line for line in timing.splitlines() if line.startswith("| attack | BadNets (head) |"))
+    head = [secs[c] for c in SEED0 + SEED1 if "badnets-head" in c]
+    assert row.split(" | ")[2:4] == ["2", f"{sum(head) / 60:.1f}"]
+    assert f"{sum(secs.values()) / 60:.1f} min" in timing
 
 
 def test_publishing_a_report_copies_every_figure_it_shows(reference, tmp_path, repo_script):
@@ -338,3 +383,31 @@ def test_redoing_a_deleted_cell_reruns_what_needs_it_or_names_what_to_delete(tmp
     res = run_experiment(f, out, progress=False)
     assert res.ok and sorted(res.ran) == sorted([attack, defense])
     assert values(out) == values(ref_out)
+
+
+def test_control_table_judges_each_defense_against_its_clean_model_over_seed_pairs(tmp_path):
+    from backdoorlab.experiments.context import Context
+    from backdoorlab.experiments.report import ControlParams, ControlTable
+
+    doc = copy.deepcopy(GRID)
+    doc["defenses"] = [{"label": "SS", "name": "spectral-signatures", "clean_model": True, "repeats": 2}]
+    exp = parse_experiment(doc)
+
+    def row(attack, inspected, seed, rep, value):
+        return {"cell": f"{attack}{inspected}{seed}{rep}", "kind": "defense", "dataset": "digits", "model": "digit-cnn-w0.5", "attack": attack,
+                "group": attack, "sweep": {}, "defense": "SS", "inspected": inspected, "seed": seed, "repeat": rep, "metric": "auroc", "value": value}
+
+    rows = []
+    for seed in (0, 1):
+        for rep in (0, 1):
+            rows += [row("BadNets", "backdoored", seed, rep, 0.95 + 0.01 * rep), row("BadNets", "clean model", seed, rep, 0.5)]
+            # above its control on three pairs, below on the fourth
+            rows += [row("BadNets (head)", "backdoored", seed, rep, 0.9 if (seed, rep) != (1, 1) else 0.45), row("BadNets (head)", "clean model", seed, rep, 0.5)]
+    ctx = Context(exp, tmp_path, rows, [])
+    text = ControlTable().render(ctx, ControlParams())
+    lines = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| digits")}
+    assert lines["BadNets"].endswith("| 4 | detected |") and "0.455 ± 0.006" in lines["BadNets"]
+    assert "| 4 | not shown (smallest margin -0.05 < 0.1) |" in lines["BadNets (head)"]
+    # two pairs are too few for a claim, whatever their margin
+    few = ControlTable().render(Context(exp, tmp_path, [r for r in rows if r["seed"] == 0 and r["attack"] == "BadNets"], []), ControlParams())
+    assert "too few seeds (2 < 3)" in few

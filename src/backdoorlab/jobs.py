@@ -105,6 +105,7 @@ def run_train(job: TrainJob, out: str | Path, progress: bool = True, force: bool
         return run.read_metrics()
     from .models import build_model
 
+    t0 = time.perf_counter()
     # everything is loaded and checked before the folder is touched (--force empties it only then)
     data = load_dataset(job.dataset, job.data_root)
     device = resolve_device(job.device)
@@ -120,6 +121,7 @@ def run_train(job: TrainJob, out: str | Path, progress: bool = True, force: bool
         "images_per_second": hist.images_per_second,
         "history": hist.epochs,
         "device": str(device),
+        "seconds": time.perf_counter() - t0,
     }
     run.write_metrics(metrics)
     run.file("train.ckpt").unlink(missing_ok=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from .spec import Experiment
+from .spec import INSPECTED, Experiment
 from .table import CELL_KINDS, FIELDS, field_order
 
 
@@ -29,7 +29,8 @@ def names(exp: Experiment) -> dict[str, list[str]]:
     """The values each field may take in this experiment (for checking ``where`` filters)."""
     groups = exp.group_labels()
     return {"dataset": [d.name for d in exp.datasets], "model": [m.label for m in exp.models], "attack": exp.attack_labels() + groups,
-            "group": groups, "defense": [d.label for d in exp.defenses], "seed": [str(s) for s in exp.seeds], "kind": list(CELL_KINDS)}
+            "group": groups, "defense": [d.label for d in exp.defenses], "seed": [str(s) for s in exp.seeds], "kind": list(CELL_KINDS),
+            "inspected": list(INSPECTED), "repeat": [str(r) for r in range(max([d.repeats for d in exp.defenses], default=1))]}
 
 
 def check_where(where: dict, allowed: dict[str, list[str]]) -> None:

@@ -17,7 +17,7 @@ from ..artifacts import RunDir, dump_json
 from ..errors import ConfigError
 from ..jobs import AttackJob, TrainJob
 from ..validate import check_positive
-from .spec import CLEAN_MODEL, Experiment, Resources, slug
+from .spec import CLEAN_MODEL, DefenseEntry, Experiment, Resources, slug
 
 
 def _reraise(where: str, e: ConfigError, context: str = "") -> ConfigError:
@@ -50,6 +50,8 @@ class Cell:
     group: str | None = None  # the attack entry's label
     sweep: dict = field(default_factory=dict)
     defense: str | None = None
+    inspected: str | None = None  # defense cells: "backdoored" or "clean model" (the control)
+    repeat: int | None = None  # defense cells: the index of the defense seed
 
     @property
     def finished(self) -> bool:
@@ -58,7 +60,8 @@ class Cell:
     def identity(self) -> dict:
         """The fields every table row of this cell carries."""
         return {"cell": self.id, "kind": self.kind, "dataset": self.dataset, "model": self.model, "attack": self.attack,
-                "group": self.group, "sweep": dict(self.sweep), "defense": self.defense, "seed": self.seed}
+                "group": self.group, "sweep": dict(self.sweep), "defense": self.defense, "inspected": self.inspected,
+                "seed": self.seed, "repeat": self.repeat}
 
     def config_text(self) -> str:
         return dump_json(self.job.config())
@@ -167,8 +170,10 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
     for i, a in enumerate(exp.attacks):
         for label, params, _ in a.variants():
             for d in exp.datasets:
+                if not a.runs_on(d.name):
+                    continue
                 for m in exp.models:
-                    job = AttackJob(d.name, m.name, d.data_root, m.width, 0, exp.device, {**exp.train, **d.train, **a.train}, a.attack, params, None, a.audit)
+                    job = AttackJob(d.name, m.name, d.data_root, m.width, 0, exp.device, {**exp.train, **d.train, **a.train}, a.attack, a.params_on(d.name, params), None, a.audit)
                     try:
                         job.build()
                     except ConfigError as e:
@@ -191,8 +196,8 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
                 clean_id = f"clean/{base}/s{seed}"
                 clean = Cell(clean_id, "clean", d.name, m.label, seed, TrainJob(d.name, m.name, d.data_root, m.width, seed, exp.device, {**exp.train, **d.train}), root / clean_id, exp.resources)
                 cells.append(clean)
-                on_clean: set[str] = set()
-                for a in exp.attacks:
+                on_clean: set[tuple[str, int]] = set()
+                for a in (a for a in exp.attacks if a.runs_on(d.name)):
                     for label, params, point in a.variants():
                         proto = attack_jobs[(label, d.name, m.label)]
                         job = AttackJob(**{**asdict(proto), "seed": seed, "clean_model": str(clean.dir / "model.safetensors"), "cache_dir": str(out / "cache")})
@@ -200,15 +205,35 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
                         cell = Cell(aid, "attack", d.name, m.label, seed, job, root / aid, a.resources or exp.resources, (clean_id,), label, a.label, point)
                         cells.append(cell)
                         for df in exp.defenses:
-                            if df.attacks is not None and a.label not in df.attacks:
-                                continue
-                            did = f"defense/{base}/{slug(label)}/{slug(df.label)}/s{seed}"
-                            djob = DefenseJob(df.name, str(cell.dir), "backdoored", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params), df.max_inputs)
-                            cells.append(Cell(did, "defense", d.name, m.label, seed, djob, root / did, df.resources or exp.resources, (aid,), label, a.label, point, df.label))
-                            if df.clean_model and df.label not in on_clean:
-                                # the clean model, inspected once through the first attack run it defends
-                                on_clean.add(df.label)
-                                cid = f"defense/{base}/{slug(CLEAN_MODEL)}/{slug(df.label)}/s{seed}"
-                                cjob = DefenseJob(df.name, str(cell.dir), "clean", df.heldout_fraction, df.heldout_seed, seed, exp.device, dict(df.params), df.max_inputs)
-                                cells.append(Cell(cid, "defense", d.name, m.label, seed, cjob, root / cid, df.resources or exp.resources, (aid,), CLEAN_MODEL, CLEAN_MODEL, {}, df.label))
+                            if df.attacks is None or a.label in df.attacks:
+                                cells += _defense_cells(df, cell, base, label, a.label, point, exp, root, on_clean)
     return Grid(exp, out, cells)
+
+
+def _defense_cells(df: DefenseEntry, attack: Cell, base: str, label: str, group: str, point: dict, exp: Experiment, root: Path, on_clean: set[tuple[str, int]]) -> list[Cell]:
+    """One defense entry's cells on one attack cell: every repeat (defense seed) on the backdoored
+    model, and with ``clean_model`` its control on the clean model beside each: per attack cell, on
+    the same inputs, or once per dataset, model and seed for a defense that reads no inputs."""
+    from ..defenses import DEFENSES, DefenseJob
+    from ..defenses.base import DefenseKind
+
+    once = DEFENSES.get(df.name).kind == DefenseKind.MODEL
+    cells = []
+    for r in range(df.repeats):
+        rep = "" if r == 0 else f"/r{r}"  # the first repeat keeps the id of a grid without repeats
+        seed, held = attack.seed + 1000 * r, df.heldout_seed + r
+        for model in ("backdoored", "clean") if df.clean_model else ("backdoored",):
+            on, lab, grp, pt = label, label, group, point
+            if model == "clean":
+                if once and (df.label, r) in on_clean:
+                    continue
+                on_clean.add((df.label, r))
+                if once:  # the clean model inspected once, through the first attack run it defends
+                    on, lab, grp, pt = CLEAN_MODEL, CLEAN_MODEL, CLEAN_MODEL, {}
+                else:
+                    on = f"{label}/{CLEAN_MODEL}"
+            cid = f"defense/{base}/{slug(on)}/{slug(df.label)}/s{attack.seed}{rep}"
+            job = DefenseJob(df.name, str(attack.dir), model, df.heldout_fraction, held, seed, exp.device, dict(df.params), df.max_inputs)
+            cells.append(Cell(cid, "defense", attack.dataset, attack.model, attack.seed, job, root / cid, df.resources or exp.resources,
+                              (attack.id,), lab, grp, pt, df.label, "backdoored" if model == "backdoored" else CLEAN_MODEL, r))
+    return cells

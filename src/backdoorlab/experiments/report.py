@@ -6,6 +6,7 @@ anything runs) and renders Markdown from the results table:
 - ``pivot``: rows and columns chosen among the row fields (attack, dataset, model, defense,
   metric, ...), values = chosen metrics averaged over the seeds (MMLM Tables 2, 3, 4, 6, 7);
 - ``defense``: one table per defense, rows = attacks, columns = the defense's metrics;
+- ``control``: each defense's judged metric beside its clean-model control, with the verdict;
 - ``histogram``: a mapping metric (e.g. ``change_histogram``, MMLM Table 5), columns = its bins.
 """
 
@@ -22,7 +23,7 @@ from ..registry import Registry
 from ..validate import build_params
 from .context import Context, check_fields, check_where, names
 from .figures import PLOTS
-from .spec import Experiment, OutputEntry
+from .spec import CLEAN_MODEL, Experiment, OutputEntry
 from .table import CELL_KINDS, TIMING_METRICS, format_mean_std, mean_std, select, sort_keys
 
 
@@ -69,7 +70,7 @@ def pivot(ctx: Context, p: TableParams, rows: list[dict], row_fields: list[str],
     order = dict(ctx.order)
     order["metric"] = {m: i for i, m in enumerate(metric_order)}
     # only seeds are averaged: a field that varies but is shown nowhere becomes a row field
-    hidden = [f for f in ("dataset", "model", "attack", "defense") if f not in row_fields + col_fields and len({str(r.get(f)) for r in rows}) > 1]
+    hidden = [f for f in ("dataset", "model", "attack", "defense", "inspected") if f not in row_fields + col_fields and len({str(r.get(f)) for r in rows}) > 1]
     row_fields = _visible(hidden + list(row_fields), rows) if rows else list(row_fields)
     cells: dict[tuple, dict[tuple, list]] = {}
     for r in rows:
@@ -154,8 +155,78 @@ class DefenseTable(TableKind):
             rows = select(ctx.rows, "defense", {**p.where, "defense": label}, p.metrics)
             metrics = p.metrics or list(dict.fromkeys(r["metric"] for r in rows if r["metric"] not in TIMING_METRICS + DEFENSE_BOOKKEEPING))
             rows = [r for r in rows if r["metric"] in metrics]
-            parts.append(f"**{p.labels.get(label, label)}**\n\n" + pivot(ctx, p, rows, p.rows, ["metric"], metrics))
+            cols = ["metric"] + (["inspected"] if len({r.get("inspected") for r in rows}) > 1 else [])  # the control beside
+            parts.append(f"**{p.labels.get(label, label)}**\n\n" + pivot(ctx, p, rows, p.rows, cols, metrics))
         return "\n\n".join(parts) or "_No defenses in this experiment._"
+
+
+# a detection claim needs the backdoored model's value above the control's by at least this much
+DEFAULT_MARGINS = {"auroc": 0.1, "ari": 0.1, "silhouette": 0.1, "anomaly_index": 1.0, "target_anomaly_index": 1.0}
+MIN_PAIRS = 3
+
+
+@dataclass
+class ControlParams(TableParams):
+    defenses: list[str] = field(default_factory=list)  # defense labels with a control; empty = all of them
+    metric: dict = field(default_factory=dict)  # defense label -> the metric judged (default: its first headline metric)
+    margins: dict = field(default_factory=dict)  # metric -> margin, over DEFAULT_MARGINS (default 0.1)
+
+    def check(self, allowed: dict[str, list[str]]) -> None:
+        super().check(allowed)
+        for d in [*self.defenses, *self.metric]:
+            if d not in allowed["defense"]:
+                raise ConfigError("defenses", f"no defense labelled {d!r}; labels: {', '.join(allowed['defense']) or '(none)'}")
+        for m, v in self.margins.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"margins.{m}", f"expected a non-negative number, got {v!r}")
+
+
+@TABLES.register("control")
+class ControlTable(TableKind):
+    """Each defense's verdict beside its clean-model control: the judged metric on the backdoored
+    model and on the clean model (same inputs, same defense seed), their paired difference, and
+    whether a detection claim holds: at least 3 pairs (grid seeds x defense seeds), every one above
+    its control by the margin. Higher values must mean "more suspicious" for the judged metric."""
+
+    Params = ControlParams
+
+    def render(self, ctx: Context, p: ControlParams) -> str:
+        from ..defenses import DEFENSES
+
+        entries = [d for d in ctx.exp.defenses if d.clean_model and (not p.defenses or d.label in p.defenses)]
+        lines = []
+        for d in entries:
+            metric = p.metric.get(d.label) or (DEFENSES.get(d.name).headline or ("auroc",))[0]
+            margin = float(p.margins.get(metric, DEFAULT_MARGINS.get(metric, 0.1)))
+            rows = select(ctx.rows, "defense", {**p.where, "defense": d.label}, [metric])
+            control = {_pair_key(r, r["attack"] == CLEAN_MODEL): r["value"] for r in rows if r.get("inspected") == CLEAN_MODEL}
+            by_attack: dict[tuple, list[tuple[float, float]]] = {}
+            for r in rows:
+                if r.get("inspected") == CLEAN_MODEL or isinstance(r["value"], dict):
+                    continue
+                c = control.get(_pair_key(r, False), control.get(_pair_key(r, True)))
+                if c is not None:
+                    by_attack.setdefault((r["dataset"], r["model"], r["attack"]), []).append((float(r["value"]), float(c)))
+            for key in sort_keys(by_attack, ["dataset", "model", "attack"], ctx.order):
+                pairs = by_attack[key]
+                diffs = [b - c for b, c in pairs]
+                if len(pairs) < MIN_PAIRS:
+                    verdict = f"too few seeds ({len(pairs)} < {MIN_PAIRS})"
+                else:
+                    verdict = "detected" if min(diffs) >= margin else f"not shown (smallest margin {min(diffs):.3g} < {margin:g})"
+                f = lambda v: format_mean_std(v, p.format, p.scale)  # noqa: E731
+                lines.append([*(str(p.labels.get(str(k), k)) for k in key), d.label, metric, f([b for b, _ in pairs]), f([c for _, c in pairs]),
+                              f(diffs), str(len(pairs)), verdict])
+        if not lines:
+            return "_No defense with a clean-model control (clean_model: true) has results yet._"
+        header = ["Dataset", "Model", "Attack", "Defense", "Metric", "backdoored", "clean model (control)", "difference", "pairs", "verdict"]
+        return md_table(header, lines) + f"\n\n_Mean ± sample std over grid seeds × defense seeds (pairs); a claim needs ≥ {MIN_PAIRS} pairs, each above its control by the margin._"
+
+
+def _pair_key(row: dict, once: bool) -> tuple:
+    """What pairs a defense cell with its control: the same dataset, model, seed and defense seed, and
+    the same attack cell unless the control was run once (a defense that reads no inputs)."""
+    return (row["dataset"], row["model"], None if once else row["attack"], row["seed"], row.get("repeat"))
 
 
 @dataclass
@@ -203,6 +274,23 @@ def check_outputs(exp: Experiment) -> list[tuple[OutputEntry, Any, Any]]:
     return out
 
 
+def timing_section(rows: list[dict]) -> list[str]:
+    """Where the time went: each cell's wall time (its ``seconds`` metric: the last invocation of
+    the cell), summed by cell kind and attack or defense entry, largest first."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["metric"] == "seconds" and isinstance(r["value"], (int, float)):
+            what = r.get("group") if r["kind"] == "attack" else (f"{r.get('defense')} ({r.get('inspected')})" if r["kind"] == "defense" else "clean model")
+            groups.setdefault((r["kind"], str(what)), []).append(float(r["value"]))
+    if not groups:
+        return []
+    total = sum(sum(v) for v in groups.values())
+    lines = [[k, w, str(len(v)), f"{sum(v) / 60:.1f}", f"{sum(v) / len(v):.1f}", f"{100 * sum(v) / total:.0f}%"]
+             for (k, w), v in sorted(groups.items(), key=lambda kv: -sum(kv[1]))]
+    return ["## Where the time went", "", md_table(["kind", "entry", "cells", "minutes", "seconds per cell", "share"], lines), "",
+            f"_Sum of the cells' wall times: {total / 60:.1f} min (each cell's last invocation; a grid's wall time adds the gaps between cells)._", ""]
+
+
 def write_report(exp: Experiment, out: Path, rows: list[dict], identities: list[dict], status: dict) -> Path:
     """Write ``out/report.md`` atomically from the results table; returns its path."""
     ctx = Context(exp, out, rows, identities)
@@ -224,6 +312,7 @@ def write_report(exp: Experiment, out: Path, rows: list[dict], identities: list[
         lines += ["## Figures", ""]
         for e, kind, p in plots:
             lines += [f"### {p.title or e.kind}", "", kind.render(ctx, p), ""]
+    lines += timing_section(rows)
     if status.get("failed"):
         lines += ["## Failed cells", ""]
         for cid, err in status["failed"].items():

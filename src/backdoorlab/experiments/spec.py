@@ -17,8 +17,10 @@ parameters, through ``AttackJob.build`` and the defenses' ``DefenseJob.build``) 
       - {label: BadNets, attack: badnets, params: {restrict: finetune}}
       - {label: BadNets (head), attack: badnets, params: {restrict: head}, train: {epochs: 3}}
       - {label: Blended, attack: blended, sweep: {alpha: [0.1, 0.2]}}  # one label per value
+      - {label: WaNet, attack: wanet, datasets: [mnist5k],               # only on these datasets
+         dataset_params: {mnist5k: {k: 4}}}                                # per-dataset overrides
     defenses:
-      - {name: strip, attacks: [BadNets], params: {}, clean_model: true}
+      - {name: strip, attacks: [BadNets], params: {}, clean_model: true, repeats: 3}  # + control, 3 defense seeds
     tables:
       - {kind: pivot, metrics: [clean_accuracy, attack_success_rate], rows: [attack], cols: [dataset, metric]}
       - {kind: histogram, metric: change_histogram}
@@ -83,6 +85,15 @@ class AttackEntry:
     train: dict = field(default_factory=dict)  # overrides for this attack's victim training only
     resources: Resources | None = None
     audit: bool = True
+    datasets: list[str] | None = None  # run only on these datasets (None: every dataset of the file)
+    dataset_params: dict = field(default_factory=dict)  # dataset -> parameter overrides on that dataset
+
+    def runs_on(self, dataset: str) -> bool:
+        return self.datasets is None or dataset in self.datasets
+
+    def params_on(self, dataset: str, params: dict) -> dict:
+        """``params`` (one sweep point's) with this dataset's overrides applied."""
+        return {**params, **self.dataset_params.get(dataset, {})}
 
     def variants(self) -> list[tuple[str, dict, dict]]:
         """(label, params, swept values) for every point of the sweep (one point without a sweep)."""
@@ -107,7 +118,10 @@ class DefenseEntry:
     heldout_fraction: float = 0.2  # the defender's clean share of the test split (DefenseJob)
     heldout_seed: int = 0
     max_inputs: int = 1000  # clean and poisoned test-time inputs presented to the defense, each (DefenseJob)
-    clean_model: bool = False  # also run once per dataset, model and seed on the clean model (false-positive baseline)
+    # the control: the same defense on the clean model, beside every attack cell it defends (on the same
+    # inputs); a model-inspection defense (which reads no inputs) runs it once per dataset, model and seed
+    clean_model: bool = False
+    repeats: int = 1  # defense seeds per attack cell: repeat r uses seed + 1000 r and heldout_seed + r
 
 
 @dataclass
@@ -143,7 +157,8 @@ class Experiment:
         return [a.label for a in self.attacks]
 
 
-CLEAN_MODEL = "clean model"  # the attack label of defense cells that inspect the clean model
+CLEAN_MODEL = "clean model"  # the attack label of defense cells that inspect the clean model once (no inputs)
+INSPECTED = ("backdoored", CLEAN_MODEL)  # which model a defense cell inspects
 
 
 def slug(text: str) -> str:
@@ -226,9 +241,20 @@ def _model(i: int, m: Any) -> ModelEntry:
     return ModelEntry(name, width, str(m.get("label") or (name if width == 1.0 else f"{name}-w{width:g}")))
 
 
-def _attack(i: int, a: Any) -> AttackEntry:
+def _attack(i: int, a: Any, dataset_names: list[str]) -> AttackEntry:
     w = f"attacks[{i}]"
-    _keys(w, a, ("label", "attack", "params", "sweep", "train", "resources", "audit"), ("attack",))
+    _keys(w, a, ("label", "attack", "params", "sweep", "train", "resources", "audit", "datasets", "dataset_params"), ("attack",))
+    only = None
+    if a.get("datasets") is not None:
+        only = [_str(w + ".datasets", x) for x in _list(w + ".datasets", a["datasets"], required=True)]
+    per = a.get("dataset_params") or {}
+    if not isinstance(per, dict):
+        raise ConfigError(w + ".dataset_params", f"expected a mapping of dataset: {{param: value}}, got {per!r}")
+    per = {str(k): _mapping(f"{w}.dataset_params.{k}", v) for k, v in per.items()}
+    for where, names in ((".datasets", only or []), (".dataset_params", list(per))):
+        for x in names:
+            if x not in dataset_names:
+                raise ConfigError(w + where, f"no dataset {x!r} in this file; datasets: {', '.join(dataset_names)}")
     sweep = _mapping(w + ".sweep", a.get("sweep"))
     for k, vs in sweep.items():
         if not isinstance(vs, list) or not vs:
@@ -237,7 +263,7 @@ def _attack(i: int, a: Any) -> AttackEntry:
     if not isinstance(audit, bool):
         raise ConfigError(w + ".audit", f"expected true/false, got {audit!r}")
     name = _str(w + ".attack", a["attack"])
-    return AttackEntry(str(a.get("label") or name), name, _mapping(w + ".params", a.get("params")), sweep, _mapping(w + ".train", a.get("train")), _resources(w + ".resources", a.get("resources")), audit)
+    return AttackEntry(str(a.get("label") or name), name, _mapping(w + ".params", a.get("params")), sweep, _mapping(w + ".train", a.get("train")), _resources(w + ".resources", a.get("resources")), audit, only, per)
 
 
 def _defense(i: int, d: Any, groups: list[str]) -> DefenseEntry:
@@ -245,7 +271,7 @@ def _defense(i: int, d: Any, groups: list[str]) -> DefenseEntry:
     if not isinstance(d, dict):
         name = _str(w, d)
         return DefenseEntry(name, name)
-    _keys(w, d, ("label", "name", "params", "attacks", "resources", "heldout_fraction", "heldout_seed", "max_inputs", "clean_model"), ("name",))
+    _keys(w, d, ("label", "name", "params", "attacks", "resources", "heldout_fraction", "heldout_seed", "max_inputs", "clean_model", "repeats"), ("name",))
     attacks = d.get("attacks")
     if attacks is not None:
         attacks = [str(x) for x in _list(w + ".attacks", attacks, required=True)]
@@ -258,9 +284,11 @@ def _defense(i: int, d: Any, groups: list[str]) -> DefenseEntry:
         if not isinstance(d["clean_model"], bool):
             raise ConfigError(w + ".clean_model", f"expected true/false, got {d['clean_model']!r}")
         held["clean_model"] = d["clean_model"]
-    for k, tp in (("heldout_fraction", float), ("heldout_seed", int), ("max_inputs", int)):
+    for k, tp in (("heldout_fraction", float), ("heldout_seed", int), ("max_inputs", int), ("repeats", int)):
         if k in d:
             held[k] = tp(number(f"{w}.{k}", d[k], integer=tp is int))
+    if not 1 <= held.get("repeats", 1) <= 100:
+        raise ConfigError(w + ".repeats", f"expected 1 to 100 defense seeds per cell, got {held['repeats']!r}")
     return DefenseEntry(str(d.get("label") or name), name, _mapping(w + ".params", d.get("params")), attacks, _resources(w + ".resources", d.get("resources")), **held)
 
 
@@ -286,7 +314,7 @@ def parse_experiment(doc: Any, source: str = "<dict>") -> Experiment:
     _unique("datasets", [d.name for d in datasets], "dataset")
     models = [_model(i, m) for i, m in enumerate(_list("models", doc["models"], required=True))]
     _unique("models", [m.label for m in models], "model")
-    attacks = [_attack(i, a) for i, a in enumerate(_list("attacks", doc.get("attacks")))]
+    attacks = [_attack(i, a, [d.name for d in datasets]) for i, a in enumerate(_list("attacks", doc.get("attacks")))]
     _unique("attacks", [a.label for a in attacks], "attack label")
     groups = [a.label for a in attacks]
     defenses = [_defense(i, d, groups) for i, d in enumerate(_list("defenses", doc.get("defenses")))]

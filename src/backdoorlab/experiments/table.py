@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-ROW_FIELDS = ("cell", "kind", "dataset", "model", "attack", "group", "sweep", "defense", "seed")
+ROW_FIELDS = ("cell", "kind", "dataset", "model", "attack", "group", "sweep", "defense", "inspected", "seed", "repeat")
 TIMING_METRICS = ("seconds", "train_seconds", "images_per_second")  # vary between runs of the same cell
 
 
@@ -128,7 +128,8 @@ def format_mean_std(values: list[float], fmt: str = ".3f", scale: float = 1.0) -
 
 # --- selecting and ordering rows for tables and plots -------------------------------------------
 
-FIELDS = ("dataset", "model", "attack", "group", "defense", "seed", "metric", "kind")
+# inspected: "backdoored" or "clean model" (a defense's control); repeat: the defense seed's index
+FIELDS = ("dataset", "model", "attack", "group", "defense", "inspected", "seed", "repeat", "metric", "kind")
 CELL_KINDS = ("clean", "attack", "defense")
 
 
