@@ -230,5 +230,24 @@ def test_siba_end_to_end_beats_random_at_the_same_budget(tmp_path):
     assert (tmp_path / "siba" / "trigger.png").exists()
 
 
+def test_ubw_p_relabels_at_random_and_disperses_triggered_predictions(tmp_path):
+    from backdoorlab.attacks.ubw import random_other_labels
+
+    y = torch.arange(1000) % 10
+    r = random_other_labels(y, 10, torch.Generator().manual_seed(0))
+    assert bool((r != y).all()) and len(r[y == 3].unique()) == 9  # every other class, never the own
+    _register_small()
+    fast = {"epochs": 4, "batch_size": 64}
+    job = AttackJob(dataset=SMALL, width=0.5, train=fast, attack="ubw-p", params={"poison_rate": 0.1})
+    m = run_attack(job, tmp_path / "ubw", progress=False)
+    from safetensors.torch import load_file
+
+    idx = load_file(str(tmp_path / "ubw" / "tensors.safetensors"))["poison_indices"]
+    assert len(idx) == 150 and bool((load_dataset(SMALL).train.y[idx] == 0).any())  # the target class is not spared
+    assert m["clean_accuracy"] > 0.8
+    assert m["untargeted_attack_success_rate"] > m["untargeted_attack_success_rate_clean_model"]  # triggered images leave their class
+    assert 0 < m["dispersibility"] <= m["dispersibility_max"]
+
+
 def test_registered():
-    assert {"siba", "sparse", "random", "tuap"} <= set(ATTACKS.names())
+    assert {"siba", "sparse", "random", "tuap", "ubw-p"} <= set(ATTACKS.names())
