@@ -5,6 +5,7 @@ from . import blended  # noqa: F401  (registers)
 from . import wanet  # noqa: F401  (registers)
 from . import data_efficient  # noqa: F401  (registers)
 from . import mmlm  # noqa: F401  (registers)
+from . import siba, ubw, universal  # noqa: F401  (registers SIBA, Sparse, Random, TUAP, UBW-P)
 from . import latent_backdoor  # noqa: F401  (registers)
 from .base import ATTACKS, Attack, AttackContext, AttackKind, AttackParams, AttackResult, ModelModificationAttack, PoisonBatches, PoisoningAttack, PoisonParams, TrainingAttack, TransferAttack, derived_seed
 from .triggers import TRIGGERS, AdditiveTrigger, MaskPatternTrigger, Trigger, WarpTrigger

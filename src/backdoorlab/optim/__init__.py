@@ -1,5 +1,5 @@
 """Optimisation routines shared by attacks and defenses."""
 
-from .pgd import PGDConfig, pgd, quantize
+from .pgd import PGDConfig, UniversalConfig, pgd, quantize, signed_step_, universal_pgd
 
-__all__ = ["PGDConfig", "pgd", "quantize"]
+__all__ = ["PGDConfig", "UniversalConfig", "pgd", "quantize", "signed_step_", "universal_pgd"]

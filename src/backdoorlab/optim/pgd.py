@@ -1,8 +1,9 @@
 """The one PGD routine (Madry et al. 2018): L∞-bounded perturbations minimising a batched loss.
 
 Every attack and defense that crafts bounded perturbations (MMLM's poisoned test images, universal
-perturbations, adversarial examples) calls :func:`pgd`. The loss is given per sample, so each
-image in the batch is optimised independently, and the best iterate per sample can be kept.
+perturbations, adversarial examples) calls :func:`pgd` (one perturbation per image) or
+:func:`universal_pgd` (one perturbation shared by every image: TUAP, SIBA, Sparse). The loss is
+given per sample; both take the same signed step (:func:`signed_step_`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ import torch
 from torch import Tensor
 
 from ..data.core import to_float
-from ..validate import check_epsilon, check_positive
+from ..validate import check_epsilon, check_int, check_positive
 
 LossPerSample = Callable[[Tensor, Tensor], Tensor]  # (x_adv, batch index) -> loss per sample (B,)
+
+
+def signed_step_(delta: Tensor, grad: Tensor, step: float | Tensor, epsilon: float) -> Tensor:
+    """δ <- clip(δ - step·sign(grad), -ε, ε), in place (``step`` may be a tensor that broadcasts)."""
+    delta -= step * grad.sign()
+    return delta.clamp_(-epsilon, epsilon)
 
 
 @dataclass
@@ -62,9 +69,7 @@ def pgd(x: Tensor, loss_fn: LossPerSample, cfg: PGDConfig, generator: torch.Gene
                 active &= ~cfg.early_stop(x + delta, idx)
                 if not bool(active.any()):
                     break
-            step = cfg.alpha * grad.sign() * active.view(-1, *[1] * (x.dim() - 1))
-            delta -= step
-            delta.clamp_(-cfg.epsilon, cfg.epsilon)
+            signed_step_(delta, grad, cfg.alpha * active.view(-1, *[1] * (x.dim() - 1)), cfg.epsilon)
             delta.copy_((x + delta).clamp(0, 1) - x)
     with torch.no_grad():
         final = x + delta
@@ -77,6 +82,59 @@ def pgd(x: Tensor, loss_fn: LossPerSample, cfg: PGDConfig, generator: torch.Gene
                 best[done] = final[done]
             return best.detach()
     return final.detach()
+
+
+@dataclass
+class UniversalConfig:
+    """One perturbation δ for a whole data set: ``epochs`` passes of mini-batch signed steps of
+    size ``step`` (absolute, pixel scale), ||δ||∞ ≤ ``epsilon``; the δ at the end of the epoch with
+    the lowest mean loss is returned."""
+
+    epsilon: float = 8 / 255
+    step: float = 0.8 * 8 / 255
+    epochs: int = 10
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_epsilon("epsilon", self.epsilon)
+        check_positive("step", self.step)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+
+
+# (δ after the step and the L∞ clip, the step's gradient, epoch from 0, batch number) -> projected δ
+Projection = Callable[[Tensor, Tensor, int, int], Tensor]
+
+
+def universal_pgd(x: Tensor, loss_fn: LossPerSample, cfg: UniversalConfig, project: Projection | None = None,
+                  generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None) -> tuple[Tensor, list[float]]:
+    """Minimise the mean of ``loss_fn(clip(x + δ, 0, 1), idx)`` over one δ shared by all images.
+
+    ``x``: images (uint8 or float in [0, 1]); batches are drawn in a shuffled order (``generator``)
+    and ``idx`` are their positions in ``x``. After every step δ is clipped to [-ε, ε] and passed
+    to ``project`` (a mask, a sparsity constraint). Returns the best epoch's δ and the mean loss of
+    every epoch (each batch's loss is taken at the δ its step starts from).
+    """
+    delta = torch.zeros(shape if shape is not None else x.shape[1:], device=x.device)
+    best, best_loss, history = delta.clone(), float("inf"), []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=generator).to(x.device)
+        total = torch.zeros((), device=x.device)
+        for b, s in enumerate(range(0, len(x), cfg.batch_size)):
+            idx = order[s : s + cfg.batch_size]
+            xb = to_float(x[idx])
+            d = delta.clone().requires_grad_(True)
+            loss = loss_fn((xb + d).clamp(0, 1), idx)
+            (grad,) = torch.autograd.grad(loss.mean(), d)
+            total += loss.detach().sum()
+            with torch.no_grad():
+                signed_step_(delta, grad, cfg.step, cfg.epsilon)
+                if project is not None:
+                    delta = project(delta, grad, epoch, b)
+        history.append(float(total) / len(x))
+        if history[-1] < best_loss:
+            best, best_loss = delta.clone(), history[-1]
+    return best, history
 
 
 def quantize(x: Tensor, x_adv: Tensor, epsilon: float) -> Tensor:
