@@ -183,7 +183,9 @@ FAST = {"epochs": 8, "batch_size": 128, "augment": False}
 def test_end_to_end_on_digits(tmp_path, mode):
     params = {"target_mode": mode, "epsilon": 0.1, "stage1_epochs": 6, "gen_width": 2}
     m = run_attack(AttackJob(dataset="digits", attack="wb", params=params, train=FAST), tmp_path / mode, progress=False)
-    assert m["clean_accuracy_before"] > 0.85
+    assert m["clean_accuracy"] > 0.8 and m["clean_accuracy_before"] > 0.85
+    if mode == "all-to-one":  # all-to-all needs a class-dependent trigger: more epochs than a test affords
+        assert m["attack_success_rate"] > m["attack_success_rate_clean_model"] + 0.3
     assert m["mean_perturbation_linf"] <= 0.1 + 1e-6  # delivered 8-bit images stay inside ε
     assert 0 < m["ssim"] < 1 and m["psnr"] > 20
     per = m["per_class_attack_success_rate"]

@@ -68,19 +68,22 @@ class WBParams(PoisonParams):
     ``stage1_epochs``: epochs of joint training (the rest of ``train.epochs`` is stage 2);
     ``generator``: a name of the generator registry or ``auto``; ``gen_width``: its base width
     (None: its default); ``lagged``: the classifier sees the previous epoch's generator;
+    ``squared``: the latent term is λ·DSWD² (as in an independent version; DSWD's own gradient
+    does not shrink with the distance and drowns the CE term early on) instead of λ·DSWD;
     ``poison_rate``: the share of each batch that is poisoned (in the generator's step and in
     the classifier's poisoned term)."""
 
-    poison_rate: float = 1.0
+    poison_rate: float = 0.5
     epsilon: float = 0.05
     stage2_epsilon: float | None = None
     lam: float = 1.0
-    alpha: float = 0.5
-    gen_lr: float = 1e-3
-    stage1_epochs: int = 10
+    alpha: float = 0.9
+    gen_lr: float = 1e-2
+    stage1_epochs: int = 6
     generator: str = "auto"
     gen_width: int | None = None
-    lagged: bool = True
+    lagged: bool = False
+    squared: bool = True
 
     def validate(self, num_classes: int) -> None:
         super().validate(num_classes)
@@ -151,7 +154,7 @@ class LatentHooks(TrainHooks):
             with torch.no_grad():
                 clean = forward.with_features(x)[1]
             d = dswd(clean, feats, model.head.weight.detach().float())
-            loss = loss + self.p.lam * d
+            loss = loss + self.p.lam * (d * d if self.p.squared else d)
         params = [p for p in self.trigger.net.parameters()]
         grads = torch.autograd.grad(loss, params)  # only the generator moves here
         for p, g in zip(params, grads):
