@@ -10,7 +10,7 @@ defense on every run with its defaults, on the backdoored model, and Neural Clea
 run's clean model (the false-positive check). ``--runs`` adds any finished attack run directories
 (e.g. MMLM runs); ``--datasets`` with no names makes no BadNets runs. Writes OUT/defenses.md (a
 markdown table) and OUT/defenses.json; each defense run lives in OUT/defended/<run>/<defense>-<model>/
-with its metrics.json and plot. Finished runs are reused unless --force. On a shared CPU, many
+with its metrics.json and plot; MNTD's shadow sets are cached in OUT/cache. Finished runs are reused unless --force. On a shared CPU, many
 small multi-threaded ops suffer from oversubscription: compare with ``--threads 1``.
 """
 
@@ -29,7 +29,7 @@ from backdoorlab.defenses import DEFENSES, DefenseJob, run_defense
 from backdoorlab.jobs import AttackJob, run_attack
 from backdoorlab.validate import build_params
 
-CLEAN_CHECK = ("neural-cleanse",)  # defenses also run on the run's clean model
+CLEAN_CHECK = ("neural-cleanse", "mntd")  # defenses also run on the run's clean model
 
 
 def badnets_runs(out: Path, datasets: list[str], rates: list[float], progress: bool) -> list[Path]:
@@ -96,7 +96,7 @@ def main() -> None:
         for name in names:
             for model in ("backdoored", "clean") if name in CLEAN_CHECK and (run / "clean_model.safetensors").exists() else ("backdoored",):
                 t0 = time.perf_counter()
-                m = run_defense(DefenseJob(name, str(run), model, params=params[name]), out / "defended" / label / f"{name}-{model}", progress=a.progress, force=a.force)
+                m = run_defense(DefenseJob(name, str(run), model, params=params[name], cache_dir=str(out / "cache")), out / "defended" / label / f"{name}-{model}", progress=a.progress, force=a.force)
                 wall = time.perf_counter() - t0
                 rec = {
                     "run": label, "attack": acfg["attack"], "dataset": acfg["dataset"], "poison_rate": acfg["params"].get("poison_rate"),

@@ -407,7 +407,12 @@ def test_control_table_judges_each_defense_against_its_clean_model_over_seed_pai
     text = ControlTable().render(ctx, ControlParams())
     lines = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| digits")}
     assert lines["BadNets"].endswith("| 4 | detected |") and "0.455 ± 0.006" in lines["BadNets"]
-    assert "| 4 | not shown (smallest margin -0.05 < 0.1) |" in lines["BadNets (head)"]
-    # two pairs are too few for a claim, whatever their margin
-    few = ControlTable().render(Context(exp, tmp_path, [r for r in rows if r["seed"] == 0 and r["attack"] == "BadNets"], []), ControlParams())
-    assert "too few seeds (2 < 3)" in few
+    assert "| 4 | not shown (smallest margin over the control -0.05 < 0.1) |" in lines["BadNets (head)"]
+    # two pairs are too few for a claim, whatever their margin; a missing control value is said
+    few = [r for r in rows if r["attack"] == "BadNets" and (r["seed"] == 0 or r["inspected"] == "backdoored")]
+    text = ControlTable().render(Context(exp, tmp_path, few, []), ControlParams())
+    assert "too few pairs (2 < 3; 2 without a control value)" in text
+    # far above its control but below chance + margin: an AUROC of 0.4 detects nothing
+    low = [{**r, "value": 0.4 if r["inspected"] == "backdoored" else 0.2} for r in rows if r["attack"] == "BadNets"]
+    text = ControlTable().render(Context(exp, tmp_path, low, []), ControlParams())
+    assert "| 0.200 ± 0.000 | 4 | not shown (at or below chance: smallest value 0.4 < 0.5 + 0.1) |" in text

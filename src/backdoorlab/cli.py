@@ -218,7 +218,7 @@ def _defend(sub: argparse._SubParsersAction) -> None:
     def handler(a: argparse.Namespace) -> int:
         from .defenses import DEFENSES, DefenseJob, run_defense
 
-        job = DefenseJob(a.name, a.run, a.model, a.heldout_fraction, a.heldout_seed, a.seed, a.device, parse_pairs(a.param, "--param"), a.max_inputs)
+        job = DefenseJob(a.name, a.run, a.model, a.heldout_fraction, a.heldout_seed, a.seed, a.device, parse_pairs(a.param, "--param"), a.max_inputs, a.cache_dir)
         m = run_defense(job, a.out, progress=not a.quiet, force=a.force)
         scalars = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
         lists = [k for k in DEFENSES.get(a.name).headline if k not in scalars]
@@ -241,6 +241,7 @@ def _defend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="redo a finished run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="also print the scalar metrics as JSON")
+    p.add_argument("--cache-dir", default=None, help="share work that depends only on the defender's data between runs here (MNTD's shadow set); results are the same without it")
     p.set_defaults(func=handler)
 
 

@@ -82,10 +82,11 @@ class AttackJob(TrainJob):
         self.validate()
         spec = DATASETS.get(self.dataset).spec
         params = dict(self.params)
-        params.setdefault("target", spec.default_target)
+        params.setdefault("target", cls.default_target(spec))
         attack = cls(build_params(cls.Params, params, prefix="params."))
         try:
             attack.validate(spec.num_classes)
+            attack.check_model(self.model, spec, self.width)
         except ConfigError as e:
             raise ConfigError("params." + e.field, str(e).split(": ", 1)[-1]) from None
         return attack
@@ -163,18 +164,19 @@ def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bo
     data = attack.evaluation_data(data)  # the task the attacked model serves (a transfer attack's student task)
     nc = data.spec.num_classes
     p = attack.p
+    target = attack.evaluation_target()  # in the evaluated task's labels
     metrics: dict[str, Any] = {
         "attack": job.attack,
         "kind": attack.kind.value,
         "paper": attack.paper,
         "clean_accuracy": accuracy(res.model, data.test),
-        "attack_success_rate": attack_success_rate(res.model, res.poisoned_test, res.test_labels, p.target_mode, p.target, nc),
+        "attack_success_rate": attack_success_rate(res.model, res.poisoned_test, res.test_labels, p.target_mode, target, nc),
     }
     clean_x = res.clean_test if res.clean_test is not None else data.test.x
     if job.audit or attack.kind.value in ("model-modification",) or getattr(p, "restrict", "none") != "none":
         clean = ctx.clean_model()
         metrics["clean_accuracy_before"] = accuracy(clean, data.test)
-        metrics["attack_success_rate_clean_model"] = attack_success_rate(clean, res.poisoned_test, res.test_labels, p.target_mode, p.target, nc)
+        metrics["attack_success_rate_clean_model"] = attack_success_rate(clean, res.poisoned_test, res.test_labels, p.target_mode, target, nc)
         if clean.arch == res.model.arch:
             metrics.update(parameter_audit(clean, res.model))
     metrics.update(image_quality(clean_x, res.poisoned_test))
@@ -188,7 +190,7 @@ def run_attack(job: AttackJob, out: str | Path, progress: bool = True, force: bo
         tensors.update({f"trigger.{k}": v for k, v in res.trigger.tensors().items()})
     if tensors:
         run.save_tensors("tensors.safetensors", tensors, {"trigger_kind": res.trigger.kind if res.trigger is not None else None})
-    show = asr_mask(res.test_labels.cpu(), p.target_mode, p.target)
+    show = asr_mask(res.test_labels.cpu(), p.target_mode, target)
     sel = torch.nonzero(show).flatten()
     sel = sel[torch.linspace(0, len(sel) - 1, min(8, len(sel))).long()] if len(sel) else sel  # spread over the classes
     clean_poison_grid(clean_x[sel.to(clean_x.device)], res.poisoned_test[sel.to(res.poisoned_test.device)], run.file("samples.png"), title=f"{job.attack} on {job.dataset}")

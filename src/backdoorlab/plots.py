@@ -82,16 +82,25 @@ def histograms(groups: dict[str, Tensor], path: str | Path, xlabel: str, title: 
     return Path(path)
 
 
-def scatter(points: dict[str, Tensor], path: str | Path, title: str = "") -> Path:
-    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+def scatter(points: dict[str, Tensor], path: str | Path, title: str = "", curve: tuple[Sequence[float], Sequence[float]] | None = None,
+            xlabel: str = "", ylabel: str = "") -> Path:
+    """Point clouds (N, 2) per group, optionally with one curve through them (e.g. a decision
+    boundary) and labelled axes; without axis labels the ticks are hidden (an embedding's axes mean nothing)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.6) if xlabel else (4.2, 4.0))
     for name, pts in points.items():
-        pts = pts.cpu().numpy()
-        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, label=name)
+        pts = pts.float().cpu().numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.5 if curve is not None else 0.6, label=name)
+    if curve is not None:
+        ax.plot(list(curve[0]), list(curve[1]), color="k", lw=1, label="boundary")
+    if xlabel:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

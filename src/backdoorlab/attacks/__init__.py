@@ -6,6 +6,7 @@ from . import wanet  # noqa: F401  (registers)
 from . import data_efficient  # noqa: F401  (registers)
 from . import mmlm  # noqa: F401  (registers)
 from . import wb  # noqa: F401  (registers)
+from . import latent_backdoor  # noqa: F401  (registers)
 from .base import ATTACKS, Attack, AttackContext, AttackKind, AttackParams, AttackResult, ModelModificationAttack, PoisonBatches, PoisoningAttack, PoisonParams, TrainingAttack, TransferAttack, derived_seed
 from .triggers import TRIGGERS, AdditiveTrigger, GeneratorTrigger, MaskPatternTrigger, Trigger, WarpTrigger
 

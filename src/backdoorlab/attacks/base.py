@@ -144,6 +144,9 @@ class Attack(ABC):
     # training-recipe fields an attack needs by default, per dataset ("*": any), under the user's own
     # overrides: the default command must show the method working (e.g. WaNet learns its warp slowly)
     recipe: ClassVar[dict[str, dict]] = {}
+    # whether a clean model of the whole dataset is this attack's starting clean model (a grid's
+    # clean cell); a transfer attack starts from a teacher of its own task instead
+    starts_from_clean_model: ClassVar[bool] = True
 
     @classmethod
     def recipe_for(cls, dataset: str) -> dict:
@@ -165,6 +168,20 @@ class Attack(ABC):
     def clean_arch(self, model: str, spec: DatasetSpec, width: float) -> Arch:
         """The architecture a given clean model file must have (checked before it is used)."""
         return arch_for(model, spec, width)
+
+    @classmethod
+    def default_target(cls, spec: DatasetSpec) -> int:
+        """The target class a run gets when none is given (default: the dataset's)."""
+        return spec.default_target
+
+    def check_model(self, model: str, spec: DatasetSpec, width: float) -> None:
+        """Checks of the parameters against the victim's architecture (e.g. a layer index beyond its
+        layers), run before any data is loaded; raise ConfigError naming the parameter."""
+
+    def evaluation_target(self) -> int:
+        """The target class in the labels of :meth:`evaluation_data`: ``p.target`` unless that task
+        numbers its classes anew (a transfer attack's student task)."""
+        return self.p.target
 
     def evaluation_data(self, data: Dataset) -> Dataset:
         """The data the attacked model is evaluated and defended on: ``data`` itself, unless the
@@ -289,4 +306,5 @@ class ModelModificationAttack(Attack):
 
 class TransferAttack(Attack):
     kind = AttackKind.TRANSFER
+    starts_from_clean_model = False
 

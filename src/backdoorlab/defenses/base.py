@@ -86,6 +86,12 @@ def detection_metrics(clean: Tensor, poisoned: Tensor, threshold: float) -> dict
     }
 
 
+def within_accuracy_drop(accuracies: list[float], reference: float, max_drop: float) -> list[int]:
+    """Indices of the settings whose (defender's held-out) accuracy stays within ``max_drop`` of
+    ``reference``: how a mitigation picks its strength without the ASR."""
+    return [i for i, a in enumerate(accuracies) if a >= reference - max_drop]
+
+
 # --------------------------------------------------------------------------- the contract
 
 
@@ -131,6 +137,7 @@ class DefenseJob:
     device: str = "auto"
     params: dict = field(default_factory=dict)
     max_inputs: int = 1000
+    cache_dir: str | None = None  # work shared between runs (MNTD's shadow set); not part of the config
 
     def build(self, check: bool = True) -> Defense:
         """Validate everything without loading data: unknown names, bad values, a missing run fail here."""
@@ -153,6 +160,7 @@ class DefenseJob:
     def config(self) -> dict:
         """What the run directory records (the attack run need not exist yet: a grid compares configs first)."""
         cfg = asdict(self)
+        cfg.pop("cache_dir")  # a cache only saves time: the same run with or without it
         cfg["run"] = str(Path(self.run).resolve())
         cfg["params"] = asdict(self.build(check=False).p)
         return cfg
@@ -187,6 +195,7 @@ def run_defense(job: DefenseJob, out: str | Path, progress: bool = True, force: 
     device = resolve_device(job.device)
     # the attack run's data and model are loaded (and checked) before the output folder is touched
     view, truth = load_case(job.run, job.model, job.heldout_fraction, job.heldout_seed, job.max_inputs, device, rd.path, job.seed, progress)
+    view.cache_dir = Path(job.cache_dir) if job.cache_dir else None
     if truth_hook is not None:
         truth = truth_hook(truth)
     rd.prepare(job.config(), force=force)

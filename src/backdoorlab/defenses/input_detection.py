@@ -1,6 +1,6 @@
-"""Input-level detectors share one procedure: score every input (low score = poisoned) and fix the
-threshold on the defender's clean held-out data only (the ``frr_target`` quantile); the decision
-rejects the presented inputs beyond it. Scored with the truth: AUROC, FRR and FAR over the
+"""Input-level detectors share one procedure: score every input (low score = poisoned, or high with
+``high_is_poisoned``) and fix the threshold on the defender's clean held-out data only (the
+``frr_target`` quantile); the decision rejects the presented inputs beyond it. Scored with the truth: AUROC, FRR and FAR over the
 presented clean and poisoned inputs, and the score histograms of both."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ class ScoreDetector(Defense):
     plot_file: ClassVar[str]
     xlabel: ClassVar[str]
     title: ClassVar[str]
+    high_is_poisoned: ClassVar[bool] = False  # orientation of the score (STRIP, CD: low = poisoned)
 
     def scores(self, view: DefenderView, x: Tensor, g: torch.Generator) -> Tensor:
         raise NotImplementedError
@@ -29,14 +30,21 @@ class ScoreDetector(Defense):
         g = torch.Generator().manual_seed(view.seed)
         held = self.scores(view, view.heldout.x, g)
         s = self.scores(view, view.inputs, g)
-        thr = -heldout_threshold(-held, self.p.frr_target)  # scores are "low = poisoned"
-        return {f"{self.score_name}_threshold": thr, "scores": s, "heldout_scores": held, "rejected": s < thr,
-                "rejected_fraction": float((s < thr).float().mean()) if len(s) else float("nan")}
+        return self.threshold_decision(held, s)
+
+    def threshold_decision(self, held: Tensor, s: Tensor) -> dict[str, Any]:
+        """The threshold from the held-out scores ``held`` and the rejections among the inputs' ``s``."""
+        sign = 1.0 if self.high_is_poisoned else -1.0
+        thr = sign * heldout_threshold(sign * held, self.p.frr_target)
+        rejected = sign * s > sign * thr
+        return {f"{self.score_name}_threshold": thr, "scores": s, "heldout_scores": held, "rejected": rejected,
+                "rejected_fraction": float(rejected.float().mean()) if len(s) else float("nan")}
 
     def score(self, view: DefenderView, decision: dict[str, Any], truth: GroundTruth) -> dict[str, Any]:
         s, flag, n = decision["scores"], truth.inputs_poisoned, self.score_name
         clean, pois = s[~flag], s[flag]
-        det = detection_metrics(-clean, -pois, -decision[f"{n}_threshold"])
+        sign = 1.0 if self.high_is_poisoned else -1.0
+        det = detection_metrics(sign * clean, sign * pois, sign * decision[f"{n}_threshold"])
         metrics: dict[str, Any] = {
             **det,
             f"mean_{n}_clean": float(clean.mean()) if len(clean) else float("nan"),

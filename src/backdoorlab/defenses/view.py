@@ -59,6 +59,7 @@ class DefenderView:
     seed: int = 0
     out: Path | None = None  # where plots go
     progress: bool = False
+    cache_dir: Path | None = None  # where work that depends only on the defender's data may be shared between runs (MNTD's shadow set)
 
     @property
     def num_classes(self) -> int:
@@ -202,7 +203,7 @@ def load_case(
         raise ModelFileError(f"run: {e}") from None
     test, spec = data.test, data.spec
     params = cfg["params"]
-    target, mode = int(params.get("target", spec.default_target)), str(params.get("target_mode", "all-to-one"))
+    target, mode = int(attack.evaluation_target()), str(params.get("target_mode", "all-to-one"))
     n_hold = max(1, min(len(test) - 1, round(heldout_fraction * len(test))))
     hold = stratified_indices(test.y, n_hold, heldout_seed)
     rest = torch.ones(len(test), dtype=torch.bool)

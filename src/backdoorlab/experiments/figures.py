@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from ..errors import ConfigError
 from ..registry import Registry
 from .context import Context, check_where
-from .spec import slug
+from .spec import CLEAN_MODEL, slug
 from .table import CELL_KINDS, matches, mean_std, sort_keys
 
 
@@ -57,14 +57,15 @@ class Images(PlotKind):
         seeds = [int(s) for s in p.seeds] or ctx.exp.seeds[:1]
         parts, missing = [], 0
         for ident in ctx.identities:
-            if ident["kind"] != p.cells or ident["seed"] not in seeds or not matches(ident, p.where):
-                continue
+            if ident["kind"] != p.cells or ident["seed"] not in seeds or not matches(ident, p.where) or (ident.get("repeat") or 0) > 0:
+                continue  # a defense's figures of its first defense seed
             folder = ctx.out / "cells" / ident["cell"]
             found = sorted(folder.glob(p.file))
             if not found:
                 missing += 1
                 continue
-            name = " · ".join(str(x) for x in (ident["attack"], ident["defense"], ident["dataset"], ident["model"]) if x)
+            on_clean = ident.get("inspected") == CLEAN_MODEL and ident["attack"] != CLEAN_MODEL
+            name = " · ".join(str(x) for x in (ident["attack"], ident["defense"], "on the clean model" if on_clean else "", ident["dataset"], ident["model"]) if x)
             for f in found:
                 rel = f.relative_to(ctx.out).as_posix()
                 parts.append(f"**{name}** (seed {ident['seed']}, `{f.name}`)\n\n![{name}]({rel})")

@@ -1,7 +1,8 @@
 """Expand an experiment into cells that share work, and check every cell before anything runs.
 
 A **clean** cell trains one clean model per dataset, model and seed; every **attack** cell of that
-dataset, model and seed starts from it (``AttackJob.clean_model``); a **defense** cell runs on its
+dataset, model and seed starts from it (``AttackJob.clean_model``; a transfer attack trains its
+own teacher instead, ``Attack.starts_from_clean_model``); a **defense** cell runs on its
 attack cell's run directory. Each cell has its own run directory under ``OUT/cells/<id>``, whose
 ``metrics.json`` marks it finished.
 """
@@ -179,6 +180,7 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
                     except ConfigError as e:
                         raise _reraise(f"attacks[{i}]", e, f"attack {label!r} on {d.name} with {m.label}") from None
                     attack_jobs[(label, d.name, m.label)] = job
+    from ..attacks import ATTACKS
     from ..defenses import DefenseJob
 
     for i, df in enumerate(exp.defenses):
@@ -195,14 +197,16 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
                 base = f"{slug(d.name)}/{slug(m.label)}"
                 clean_id = f"clean/{base}/s{seed}"
                 clean = Cell(clean_id, "clean", d.name, m.label, seed, TrainJob(d.name, m.name, d.data_root, m.width, seed, exp.device, {**exp.train, **d.train}), root / clean_id, exp.resources)
-                cells.append(clean)
+                if any(ATTACKS.get(a.attack).starts_from_clean_model for a in exp.attacks if a.runs_on(d.name)):
+                    cells.append(clean)
                 on_clean: set[tuple[str, int]] = set()
                 for a in (a for a in exp.attacks if a.runs_on(d.name)):
                     for label, params, point in a.variants():
                         proto = attack_jobs[(label, d.name, m.label)]
-                        job = AttackJob(**{**asdict(proto), "seed": seed, "clean_model": str(clean.dir / "model.safetensors"), "cache_dir": str(out / "cache")})
+                        shared = ATTACKS.get(proto.attack).starts_from_clean_model  # else the attack trains its own teacher
+                        job = AttackJob(**{**asdict(proto), "seed": seed, "clean_model": str(clean.dir / "model.safetensors") if shared else None, "cache_dir": str(out / "cache")})
                         aid = f"attack/{base}/{slug(label)}/s{seed}"
-                        cell = Cell(aid, "attack", d.name, m.label, seed, job, root / aid, a.resources or exp.resources, (clean_id,), label, a.label, point)
+                        cell = Cell(aid, "attack", d.name, m.label, seed, job, root / aid, a.resources or exp.resources, (clean_id,) if shared else (), label, a.label, point)
                         cells.append(cell)
                         for df in exp.defenses:
                             if df.attacks is None or a.label in df.attacks:
@@ -233,7 +237,7 @@ def _defense_cells(df: DefenseEntry, attack: Cell, base: str, label: str, group:
                 else:
                     on = f"{label}/{CLEAN_MODEL}"
             cid = f"defense/{base}/{slug(on)}/{slug(df.label)}/s{attack.seed}{rep}"
-            job = DefenseJob(df.name, str(attack.dir), model, df.heldout_fraction, held, seed, exp.device, dict(df.params), df.max_inputs)
+            job = DefenseJob(df.name, str(attack.dir), model, df.heldout_fraction, held, seed, exp.device, dict(df.params), df.max_inputs, str(root.parent / "cache"))
             cells.append(Cell(cid, "defense", attack.dataset, attack.model, attack.seed, job, root / cid, df.resources or exp.resources,
                               (attack.id,), lab, grp, pt, df.label, "backdoored" if model == "backdoored" else CLEAN_MODEL, r))
     return cells

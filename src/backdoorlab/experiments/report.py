@@ -160,8 +160,10 @@ class DefenseTable(TableKind):
         return "\n\n".join(parts) or "_No defenses in this experiment._"
 
 
-# a detection claim needs the backdoored model's value above the control's by at least this much
+# a detection claim needs the backdoored model's value above the control's, and above chance where a
+# metric has one, by at least this much
 DEFAULT_MARGINS = {"auroc": 0.1, "ari": 0.1, "silhouette": 0.1, "anomaly_index": 1.0, "target_anomaly_index": 1.0}
+CHANCE = {"auroc": 0.5, "ari": 0.0}
 MIN_PAIRS = 3
 
 
@@ -186,7 +188,8 @@ class ControlTable(TableKind):
     """Each defense's verdict beside its clean-model control: the judged metric on the backdoored
     model and on the clean model (same inputs, same defense seed), their paired difference, and
     whether a detection claim holds: at least 3 pairs (grid seeds x defense seeds), every one above
-    its control by the margin. Higher values must mean "more suspicious" for the judged metric."""
+    its control, and above chance for a metric that has one, by the margin. Higher values must mean
+    "more suspicious" for the judged metric."""
 
     Params = ControlParams
 
@@ -200,27 +203,41 @@ class ControlTable(TableKind):
             margin = float(p.margins.get(metric, DEFAULT_MARGINS.get(metric, 0.1)))
             rows = select(ctx.rows, "defense", {**p.where, "defense": d.label}, [metric])
             control = {_pair_key(r, r["attack"] == CLEAN_MODEL): r["value"] for r in rows if r.get("inspected") == CLEAN_MODEL}
+            chance = CHANCE.get(metric)
             by_attack: dict[tuple, list[tuple[float, float]]] = {}
+            unpaired: dict[tuple, int] = {}
             for r in rows:
                 if r.get("inspected") == CLEAN_MODEL or isinstance(r["value"], dict):
                     continue
+                key = (r["dataset"], r["model"], r["attack"])
+                by_attack.setdefault(key, [])
                 c = control.get(_pair_key(r, False), control.get(_pair_key(r, True)))
-                if c is not None:
-                    by_attack.setdefault((r["dataset"], r["model"], r["attack"]), []).append((float(r["value"]), float(c)))
+                if c is None:  # e.g. an ARI with no poisoned input among those the clean model calls the target
+                    unpaired[key] = unpaired.get(key, 0) + 1
+                else:
+                    by_attack[key].append((float(r["value"]), float(c)))
             for key in sort_keys(by_attack, ["dataset", "model", "attack"], ctx.order):
                 pairs = by_attack[key]
                 diffs = [b - c for b, c in pairs]
+                lost = f"; {unpaired[key]} without a control value" if unpaired.get(key) else ""
                 if len(pairs) < MIN_PAIRS:
-                    verdict = f"too few seeds ({len(pairs)} < {MIN_PAIRS})"
+                    verdict = f"too few pairs ({len(pairs)} < {MIN_PAIRS}{lost})"
+                elif min(diffs) < margin:
+                    verdict = f"not shown (smallest margin over the control {min(diffs):.3g} < {margin:g})"
+                elif chance is not None and min(b for b, _ in pairs) < chance + margin:
+                    verdict = f"not shown (at or below chance: smallest value {min(b for b, _ in pairs):.3g} < {chance:g} + {margin:g})"
                 else:
-                    verdict = "detected" if min(diffs) >= margin else f"not shown (smallest margin {min(diffs):.3g} < {margin:g})"
+                    verdict = "detected"
                 f = lambda v: format_mean_std(v, p.format, p.scale)  # noqa: E731
+                if not pairs:
+                    lines.append([*(str(p.labels.get(str(k), k)) for k in key), d.label, metric, "", "", "", "0", verdict])
+                    continue
                 lines.append([*(str(p.labels.get(str(k), k)) for k in key), d.label, metric, f([b for b, _ in pairs]), f([c for _, c in pairs]),
                               f(diffs), str(len(pairs)), verdict])
         if not lines:
             return "_No defense with a clean-model control (clean_model: true) has results yet._"
         header = ["Dataset", "Model", "Attack", "Defense", "Metric", "backdoored", "clean model (control)", "difference", "pairs", "verdict"]
-        return md_table(header, lines) + f"\n\n_Mean ± sample std over grid seeds × defense seeds (pairs); a claim needs ≥ {MIN_PAIRS} pairs, each above its control by the margin._"
+        return md_table(header, lines) + f"\n\n_Mean ± sample std over grid seeds × defense seeds (pairs); a claim needs ≥ {MIN_PAIRS} pairs, each above its control (and above chance: AUROC 0.5, ARI 0) by the margin._"
 
 
 def _pair_key(row: dict, once: bool) -> tuple:

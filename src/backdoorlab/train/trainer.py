@@ -58,7 +58,8 @@ class TrainHooks:
     ``before_step`` runs a second optimiser's update first (a trigger generator trained with the
     classifier); ``loss`` returns the classifier's loss and the logits it came from (default: mean
     cross-entropy; ABL's isolation loss, a feature-matching term, gradient ascent for unlearning).
-    After each epoch ``end_epoch`` may switch stages or add entries to the epoch's record.
+    After each epoch ``end_epoch`` may switch stages or add entries to the epoch's record; setting
+    ``record["stop"] = True`` ends training after that epoch (ABL's unlearning stops once done).
     ``state_dict`` / ``load_state_dict`` carry the hooks' own state (a generator and its optimiser)
     in the loop's checkpoint, so an interrupted run resumes in whichever stage it was.
     """
@@ -275,6 +276,8 @@ def train(
                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "epoch": epoch + 1, "history": hist.epochs, "hooks": hooks.state_dict(),
             })
+        if rec.get("stop"):
+            break
     hist.seconds = time.perf_counter() - t0
     hist.images_per_second = seen / hist.seconds if hist.seconds > 0 else 0.0
     model.requires_grad_(True)
