@@ -6,12 +6,14 @@ plain tensors (safetensors) and rebuilds from them.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.generators import GENERATORS
 from ..registry import Registry
 
 TRIGGERS: Registry[type["Trigger"]] = Registry("trigger")
@@ -100,3 +102,42 @@ def place_patch(shape: tuple[int, int, int], pattern: Tensor, position: str | tu
     mask[:, r : r + ph, col : col + pw] = 1
     full[:, r : r + ph, col : col + pw] = pattern.expand(c, ph, pw)
     return MaskPatternTrigger(mask, full)
+
+
+class GeneratorTrigger(Trigger):
+    """x' = clip(x + ε·tanh(g(x)), 0, 1) for a trigger generator g (LIRA, WB): ||x' - x||∞ ≤ ε by
+    construction. Saved as the generator's tensors plus ``eps`` and ``config`` = (channels, base
+    width); registered once per generator of :data:`backdoorlab.models.generators.GENERATORS` as
+    ``generator/NAME``, so any run's trigger rebuilds from its safetensors."""
+
+    kind = "generator"
+
+    def __init__(self, name: str, net: nn.Module, eps: float, channels: int, width: int) -> None:
+        super().__init__()
+        self.name, self.kind, self.net = name, f"generator/{name}", net  # type: ignore[misc]
+        self.register_buffer("eps", torch.tensor(float(eps)))
+        self.register_buffer("config", torch.tensor([int(channels), int(width)]))
+
+    def residual(self, x: Tensor) -> Tensor:
+        """ε·tanh(g(x)): the bounded perturbation before clipping."""
+        return self.eps.to(x.dtype) * torch.tanh(self.net(x))
+
+    def apply(self, x: Tensor) -> Tensor:
+        return (x + self.residual(x)).clamp(0, 1)
+
+    @staticmethod
+    def build(name: str, channels: int, width: int | None, eps: float) -> "GeneratorTrigger":
+        entry = GENERATORS.get(name)
+        w = entry.default_width if width is None else width
+        return GeneratorTrigger(name, entry.build(channels, w), eps, channels, w)
+
+    @staticmethod
+    def from_state(name: str, **tensors: Tensor) -> "GeneratorTrigger":
+        channels, width = (int(v) for v in tensors["config"].tolist())
+        trig = GeneratorTrigger.build(name, channels, width, float(tensors["eps"]))
+        trig.load_state_dict(tensors)
+        return trig.eval()
+
+
+for _name in GENERATORS.names():
+    TRIGGERS.add(f"generator/{_name}", partial(GeneratorTrigger.from_state, _name))  # type: ignore[arg-type]

@@ -75,3 +75,14 @@ def attack_success_rate(model: nn.Module, x_poison: Tensor, y_true: Tensor, mode
         return float("nan")
     pred = predict(model, x_poison[keep.to(x_poison.device)])
     return float((pred == target_labels(y_true[keep], mode, target, num_classes)).float().mean())
+
+
+def per_class_attack_success_rate(model: nn.Module, x_poison: Tensor, y_true: Tensor, mode: TargetMode, target: int, num_classes: int) -> list[float | None]:
+    """The ASR per true (source) class; None for a class that does not count (the target in
+    all-to-one) or has no image."""
+    y_true = y_true.cpu()
+    keep = asr_mask(y_true, mode, target)
+    hit = predict(model, x_poison) == target_labels(y_true, mode, target, num_classes)
+    hits = torch.bincount(y_true[keep & hit], minlength=num_classes)
+    total = torch.bincount(y_true[keep], minlength=num_classes)
+    return [float(h) / float(t) if t else None for h, t in zip(hits.tolist(), total.tolist())]
