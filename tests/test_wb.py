@@ -202,3 +202,9 @@ def test_end_to_end_on_digits(tmp_path, mode):
     again = WB(WBParams()).poison_images(test.x, run)
     assert again.dtype == torch.uint8 and int((again.int() - test.x.int()).abs().max()) <= int(0.1 * 255)
     assert isinstance(load_trigger(run), GeneratorTrigger)
+    # the defenses' view rebuilds the same delivered images, inside ε
+    from backdoorlab.defenses import load_case
+
+    view, truth = load_case(run)
+    delivered = {bytes(row.numpy().tobytes()) for row in again}
+    assert len(truth.poisoned) > 0 and all(bytes(row.numpy().tobytes()) in delivered for row in truth.poisoned)

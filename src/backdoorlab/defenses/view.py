@@ -39,6 +39,7 @@ from ..data.core import Dataset, DatasetSpec, ImageSet, to_float, to_uint8
 from ..data.subset import stratified_indices
 from ..errors import ConfigError, ModelFileError
 from ..models import Classifier, arch_for, build_model
+from ..optim.pgd import quantize
 from ..train.evaluate import accuracy, asr_mask, attack_success_rate, predict, target_labels
 from ..validate import build_params, check_choice
 
@@ -216,7 +217,13 @@ def load_case(
         px = to_uint8(tensors["poisoned_test"])
         pidx = tensors.get("poisoned_test_index", torch.arange(len(px))).long()
     elif trigger is not None:
-        px = torch.cat([to_uint8(trigger(to_float(test.x[s : s + 1024]).to(device)).cpu()) for s in range(0, len(test), 1024)])
+        eps = getattr(trigger, "eps", None)  # an L∞-bounded trigger: rounded inside its ball, as its attack delivers
+
+        def deliver(x: Tensor) -> Tensor:
+            out = trigger(to_float(x).to(device)).cpu()
+            return quantize(x.cpu(), out, float(eps)) if eps is not None else to_uint8(out)
+
+        px = torch.cat([deliver(test.x[s : s + 1024]) for s in range(0, len(test), 1024)])
         pidx = torch.arange(len(test))
     else:
         raise ConfigError("run", f"{path} holds neither a trigger nor poisoned_test images in tensors.safetensors")
