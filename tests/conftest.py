@@ -3,7 +3,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads (this machine's cores) unless OMP_NUM_THREADS asks for fewer: on a CPU another job is
+# using, two spinning threads wait on each other at every op and a 20-second test takes minutes
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS") or 2))))
 
 
 @pytest.fixture(scope="session")

@@ -210,10 +210,11 @@ def test_a_grid_that_would_shrink_a_finished_grid_is_refused(sandbox, tmp_path, 
 def test_a_table_metric_no_cell_produces_is_named(tmp_path, capsys):
     grid = tmp_path / "g.yaml"
     grid.write_text("datasets: [digits]\nmodels: [{name: digit-cnn, width: 0.25}]\ntrain: {epochs: 1, batch_size: 128}\n"
-                    "attacks: [{attack: badnets}]\ntables: [{kind: pivot, metrics: [clean_accuracy, atack_success_rate]}]\n")
+                    "attacks: [{attack: badnets}]\ndefenses: [{name: spectral-signatures, clean_model: true}]\n"
+                    "tables: [{kind: pivot, metrics: [clean_accuracy, atack_success_rate]}, {kind: control, metric: {spectral-signatures: aurok}}]\n")
     assert main(["run", str(grid), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "tables: no cell produced tables[0]: atack_success_rate" in err
+    assert "tables: no cell produced tables[0]: atack_success_rate" in err and "tables[1]: aurok" in err  # a control table names its metric per defense
     assert json.loads((tmp_path / "out" / "cells" / "clean" / "digits" / "digit-cnn-w0.25" / "s0" / "metrics.json").read_text())  # the cells are kept
     shutil.rmtree(tmp_path / "out")
 

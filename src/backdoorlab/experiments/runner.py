@@ -174,8 +174,9 @@ def unproduced_metrics(grid: Grid) -> list[str]:
     have = {r["metric"] for r in ResultsTable(grid.out / TABLE_FILE).read()}
     out = []
     for i, t in enumerate(grid.exp.tables):
-        wanted = t.options.get("metrics") or ([t.options["metric"]] if "metric" in t.options else [])
-        out += [f"tables[{i}]: {m}" for m in wanted if m not in have]
+        one = t.options.get("metric")  # a metric name, or (a control table) a mapping defense -> metric
+        wanted = t.options.get("metrics") or (list(one.values()) if isinstance(one, dict) else [one] if one else [])
+        out += [f"tables[{i}]: {m}" for m in wanted if str(m) not in have]
     return out
 
 
