@@ -92,6 +92,28 @@ def within_accuracy_drop(accuracies: list[float], reference: float, max_drop: fl
     return [i for i, a in enumerate(accuracies) if a >= reference - max_drop]
 
 
+def setting_sweep(view: DefenderView, truth: GroundTruth, axis: str, settings: list, models: list[nn.Module], chosen: Any,
+                  defender_key: str, defender_curve: list[float], plot: str, xlabel: str, title: str) -> dict[str, Any]:
+    """A mitigation scored at every setting it could have chosen (a kernel size, a number of frozen
+    layers): clean accuracy and ASR on the evaluation split per setting, the values at the
+    defender's ``chosen`` setting, the curve beside the defender's own accuracies (``defender_key``),
+    and its plot (``title`` may use {acc} and {asr}, the chosen setting's values)."""
+    from ..plots import line_plot
+
+    acc = [truth.clean_accuracy(m) for m in models]
+    asr = [truth.attack_success_rate(m) if len(truth.poisoned) else float("nan") for m in models]
+    i = settings.index(chosen)
+    metrics: dict[str, Any] = {"clean_accuracy": acc[i], "attack_success_rate": asr[i],
+                               "curve": {axis: settings, "clean_accuracy": acc, "attack_success_rate": asr, defender_key: defender_curve}}
+    path = view.plot_path(plot)
+    if path is not None:
+        label = f"clean acc. (defender {defender_key.split('_')[0]})"
+        line_plot(settings, {"clean acc. (evaluation)": acc, "ASR (evaluation)": asr, label: defender_curve}, path, xlabel, "rate",
+                  title=title.format(acc=acc[i], asr=asr[i]))
+        metrics["plot"] = path.name
+    return metrics
+
+
 # --------------------------------------------------------------------------- the contract
 
 

@@ -23,10 +23,9 @@ from torch import Tensor
 
 from ..data.core import to_float
 from ..errors import ConfigError
-from ..plots import line_plot
 from ..train.evaluate import accuracy, model_device
 from ..validate import check_fraction, check_range
-from .base import DEFENSES, Defense, DefenseKind, DefenseParams, within_accuracy_drop
+from .base import DEFENSES, Defense, DefenseKind, DefenseParams, setting_sweep, within_accuracy_drop
 from .view import DefenderView, GroundTruth
 
 
@@ -102,20 +101,11 @@ class InputBlurring(Defense):
 
     def score(self, view: DefenderView, decision: dict[str, Any], truth: GroundTruth) -> dict[str, Any]:
         sizes = decision["kernel_sizes"]
-        acc, asr = [], []
-        for k in sizes:
-            m = self._wrapped(view, k)
-            acc.append(truth.clean_accuracy(m))
-            asr.append(truth.attack_success_rate(m) if len(truth.poisoned) else float("nan"))
-        i = sizes.index(decision["kernel_size"])
+        metrics = setting_sweep(view, truth, "kernel_size", sizes, [self._wrapped(view, k) for k in sizes], decision["kernel_size"],
+                                "heldout_accuracy", decision["heldout_accuracy"], "input_blurring_curve.png", "Gaussian kernel size",
+                                f"Input blurring: chosen k = {decision['kernel_size']} (acc {{acc:.3f}}, ASR {{asr:.3f}})")
+        asr, acc = metrics["curve"]["attack_success_rate"], metrics["curve"]["clean_accuracy"]
         below = [j for j, r in enumerate(asr) if r <= self.p.asr_goal]
-        metrics: dict[str, Any] = {"clean_accuracy": acc[i], "attack_success_rate": asr[i],
-                                   "kernel_asr_below": sizes[below[0]] if below else None,
-                                   "clean_accuracy_asr_below": acc[below[0]] if below else None,
-                                   "curve": {"kernel_size": sizes, "clean_accuracy": acc, "attack_success_rate": asr, "heldout_accuracy": decision["heldout_accuracy"]}}
-        path = view.plot_path("input_blurring_curve.png")
-        if path is not None:
-            line_plot(sizes, {"clean acc. (evaluation)": acc, "ASR (evaluation)": asr, "clean acc. (defender held-out)": decision["heldout_accuracy"]},
-                      path, "Gaussian kernel size", "rate", title=f"Input blurring: chosen k = {decision['kernel_size']} (acc {acc[i]:.3f}, ASR {asr[i]:.3f})")
-            metrics["plot"] = path.name
+        metrics["kernel_asr_below"] = sizes[below[0]] if below else None
+        metrics["clean_accuracy_asr_below"] = acc[below[0]] if below else None
         return metrics

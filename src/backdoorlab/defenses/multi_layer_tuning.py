@@ -21,17 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 
 from ..attacks.base import derived_seed
 from ..attacks.transfer import new_head
 from ..data.subset import split
 from ..errors import ConfigError
-from ..plots import line_plot
 from ..train.evaluate import accuracy
 from ..train.trainer import TrainConfig, train
 from ..validate import check_fraction, check_positive
-from .base import DEFENSES, Defense, DefenseKind, DefenseParams, check_int, check_open_rate, within_accuracy_drop
+from .base import DEFENSES, Defense, DefenseKind, DefenseParams, check_int, check_open_rate, setting_sweep, within_accuracy_drop
 from .view import DefenderView, GroundTruth
 
 
@@ -88,15 +86,7 @@ class MultiLayerTuning(Defense):
                 "layer_names": view.model.stage_names, "_models": models}
 
     def score(self, view: DefenderView, decision: dict[str, Any], truth: GroundTruth) -> dict[str, Any]:
-        js, models = decision["frozen"], decision["_models"]
-        acc = [truth.clean_accuracy(m) for m in models]
-        asr = [truth.attack_success_rate(m) if len(truth.poisoned) else float("nan") for m in models]
-        i = js.index(decision["frozen_layers"])
-        metrics: dict[str, Any] = {"clean_accuracy": acc[i], "attack_success_rate": asr[i],
-                                   "curve": {"frozen": js, "clean_accuracy": acc, "attack_success_rate": asr, "validation_accuracy": decision["validation_accuracy"]}}
-        path = view.plot_path("multi_layer_tuning_curve.png")
-        if path is not None:
-            line_plot(js, {"clean acc. (evaluation)": acc, "ASR (evaluation)": asr, "clean acc. (defender validation)": decision["validation_accuracy"]},
-                      path, "layers frozen (tuning starts after them)", "rate", title=f"Multi-layer tuning: {js[i]} frozen (acc {acc[i]:.3f}, ASR {asr[i]:.3f})")
-            metrics["plot"] = path.name
-        return metrics
+        js = decision["frozen"]
+        return setting_sweep(view, truth, "frozen", js, decision["_models"], decision["frozen_layers"], "validation_accuracy",
+                             decision["validation_accuracy"], "multi_layer_tuning_curve.png", "layers frozen (tuning starts after them)",
+                             f"Multi-layer tuning: {decision['frozen_layers']} frozen (acc {{acc:.3f}}, ASR {{asr:.3f}})")
