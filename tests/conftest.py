@@ -99,3 +99,34 @@ def defend():
 def small_defense_params():
     """Each defense's parameters at the tests' small settings."""
     return SMALL
+
+
+@pytest.fixture(scope="session", autouse=True)
+def small_mnist():
+    """``mnist5k-1500``: 1,500 / 500 real MNIST digits (a stratified subset of mnist5k, loaded lazily), for
+    end-to-end runs that take seconds; registered once for every test."""
+    from dataclasses import replace
+
+    from backdoorlab.data import DATASETS, by_count, load_dataset
+    from backdoorlab.data.core import Dataset
+    from backdoorlab.data.sources import DatasetEntry
+
+    name = "mnist5k-1500"
+    if name not in DATASETS:
+        spec = replace(DATASETS.get("mnist5k").spec, name=name, description="test subset of mnist5k")
+
+        def load(root):
+            full = load_dataset("mnist5k")
+            return Dataset(spec, by_count(full.train, 1500), by_count(full.test, 500))
+
+        DATASETS.add(name, DatasetEntry(spec, load))
+    return name
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast alone and much faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

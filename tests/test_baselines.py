@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import pytest
 import torch
@@ -12,9 +11,7 @@ from backdoorlab.attacks.blended import Blended, BlendedParams, blend_image, ble
 from backdoorlab.attacks.data_efficient import DataEfficient, DataEfficientParams, ForgettingCounter, most_forgotten
 from backdoorlab.attacks.triggers import WarpTrigger
 from backdoorlab.attacks.wanet import WaNet, WaNetParams, backdoor_grid, control_field, identity_grid, noise_grids
-from backdoorlab.data import DATASETS, by_count, load_dataset
-from backdoorlab.data.core import Dataset
-from backdoorlab.data.sources import DatasetEntry
+from backdoorlab.data import load_dataset
 from backdoorlab.errors import ConfigError
 from backdoorlab.jobs import AttackJob, TrainJob, run_attack, run_train
 from backdoorlab.recipes import train_config
@@ -24,25 +21,9 @@ WIDTH = 0.5
 SMALL = "mnist5k-1500"  # 1,500 / 500 real MNIST digits: end-to-end runs in a few seconds each
 
 
-def _register_small() -> None:
-    if SMALL in DATASETS:
-        return
-    spec = replace(DATASETS.get("mnist5k").spec, name=SMALL, description="test subset of mnist5k")
-
-    def load(root):
-        full = load_dataset("mnist5k")
-        return Dataset(spec, by_count(full.train, 1500), by_count(full.test, 500))
-
-    DATASETS.add(SMALL, DatasetEntry(spec, load))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is as fast alone and much faster when other jobs share the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- trigger math
@@ -213,7 +194,6 @@ def test_params_validate_without_the_job():
 
 @pytest.fixture(scope="module")
 def clean_path(tmp_path_factory):
-    _register_small()
     out = tmp_path_factory.mktemp("clean")
     m = run_train(TrainJob(dataset=SMALL, width=WIDTH, train=FAST), out, progress=False)
     assert m["clean_accuracy"] > 0.85

@@ -3,7 +3,6 @@ optimiser, determinism, bad input before any work, and one small run end to end.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import pytest
 import torch
@@ -11,35 +10,19 @@ import torch
 from backdoorlab.attacks import ATTACKS, AttackContext
 from backdoorlab.attacks.siba import SIBA, SIBAParams, Sparse, SparseParams, top_k_mask
 from backdoorlab.attacks.universal import TUAP, RandomParams, RandomSparse, TUAPParams, scaled_k
-from backdoorlab.data import DATASETS, by_count, load_dataset
+from backdoorlab.data import load_dataset
 from backdoorlab.data.core import Dataset, DatasetSpec, ImageSet
-from backdoorlab.data.sources import DatasetEntry
 from backdoorlab.errors import ConfigError, ModelFileError
 from backdoorlab.jobs import AttackJob, TrainJob, run_attack, run_train
 from backdoorlab.optim import UniversalConfig, universal_pgd
 from backdoorlab.train.trainer import TrainConfig
 
-SMALL = "mnist5k-siba"  # 1,500 / 500 real MNIST digits
+SMALL = "mnist5k-1500"  # 1,500 / 500 real MNIST digits (conftest.py)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _register_small() -> None:
-    if SMALL in DATASETS:
-        return
-    spec = replace(DATASETS.get("mnist5k").spec, name=SMALL, description="test subset of mnist5k")
-
-    def load(root):
-        full = load_dataset("mnist5k")
-        return Dataset(spec, by_count(full.train, 1500), by_count(full.test, 500))
-
-    DATASETS.add(SMALL, DatasetEntry(spec, load))
 
 
 def _rgb_ctx(seed: int = 0) -> AttackContext:
@@ -189,7 +172,6 @@ def test_bad_params_name_the_field(attack, params, field):
     ({"poison_rate": 0.9, "clean_label": True}, "params.poison_rate"),  # more than the target class holds
 ])
 def test_data_dependent_bad_input_fails_before_the_run_folder_exists(tmp_path, params, field):
-    _register_small()
     out = tmp_path / "run"
     with pytest.raises(ConfigError) as e:
         run_attack(AttackJob(dataset=SMALL, attack="siba", params=params), out, progress=False)
@@ -197,7 +179,6 @@ def test_data_dependent_bad_input_fails_before_the_run_folder_exists(tmp_path, p
 
 
 def test_a_surrogate_file_of_another_shape_fails_before_any_work(tmp_path):
-    _register_small()
     run_train(TrainJob(dataset="digits", width=0.25, train={"epochs": 1}), tmp_path / "digits", progress=False)
     out = tmp_path / "run"
     job = AttackJob(dataset=SMALL, attack="siba", params={"surrogate": "clean"}, clean_model=str(tmp_path / "digits" / "model.safetensors"))
@@ -211,7 +192,6 @@ def test_a_surrogate_file_of_another_shape_fails_before_any_work(tmp_path):
 
 def test_siba_end_to_end_beats_random_at_the_same_budget(tmp_path):
     # a large budget shows the mechanism in seconds (ε = 8/255 on MNIST needs the full recipe, see docs)
-    _register_small()
     fast = {"epochs": 4, "batch_size": 64}
     clean = tmp_path / "clean"
     run_train(TrainJob(dataset=SMALL, width=0.5, train=fast), clean, progress=False)
@@ -236,7 +216,6 @@ def test_ubw_p_relabels_at_random_and_disperses_triggered_predictions(tmp_path):
     y = torch.arange(1000) % 10
     r = random_other_labels(y, 10, torch.Generator().manual_seed(0))
     assert bool((r != y).all()) and len(r[y == 3].unique()) == 9  # every other class, never the own
-    _register_small()
     fast = {"epochs": 4, "batch_size": 64}
     job = AttackJob(dataset=SMALL, width=0.5, train=fast, attack="ubw-p", params={"poison_rate": 0.1})
     m = run_attack(job, tmp_path / "ubw", progress=False)

@@ -18,12 +18,7 @@ from backdoorlab.models.generators import GENERATORS, generator_name
 from backdoorlab.train.trainer import TrainConfig, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- generators and the bound
