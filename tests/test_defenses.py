@@ -177,13 +177,15 @@ def test_spectral_signatures(bn, case, defend):
     assert m["auroc_class_centred"] < 0.8 and m["target_class_precision"] > 0.9  # what it removes there is poison
     mc, _ = defend(bn, "spectral-signatures", centre="class")
     assert mc["auroc"] == pytest.approx(m["auroc_class_centred"])
-    # Tran et al.'s regime for the paper's centring: poisons about 10% of their class
+    # Tran et al.'s regime for the paper's centring: poisons about 10% of their class. How far it
+    # ranks them above chance depends on the model: 0.72-0.96 over this fixture's seeds 0-2 in fp32
+    # and bf16 training (session 7), so the bound is well above chance, not one model's value
     z = features(view.model, data.x)
     clean0 = torch.nonzero((data.y == 0) & ~flag).flatten()
     pois = torch.nonzero(flag).flatten()
     sel = torch.cat([clean0, pois[limit(len(pois), len(clean0) // 10, 0)]])
     s, f = spectral_scores(z[sel], data.y[sel], 10), flag[sel]
-    assert auroc(s[~f], s[f]) >= 0.9
+    assert auroc(s[~f], s[f]) >= 0.7
     # a class with fewer than two reference samples falls back to its own mean
     one = spectral_scores(z[sel], data.y[sel], 10, z[clean0[:1]], data.y[clean0[:1]])
     assert torch.allclose(one, s)

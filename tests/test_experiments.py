@@ -153,7 +153,7 @@ def test_cli_run_refuses_a_bad_file_and_a_bad_executor(tmp_path, capsys):
     assert "attacks[0].params.patch_size" in capsys.readouterr().err
     good = write_grid(tmp_path / "good.yaml")
     assert main(["run", str(good), "--out", str(tmp_path / "o"), "--executor", "slurm"]) == 2
-    assert "executor: unknown executor 'slurm'; choose one of: local, ray" in capsys.readouterr().err
+    assert "executor: unknown executor 'slurm'; choose one of: local, processes, ray" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert main(["run", str(good), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     assert "8 cells, 8 to run" in capsys.readouterr().out
@@ -416,3 +416,23 @@ def test_control_table_judges_each_defense_against_its_clean_model_over_seed_pai
     low = [{**r, "value": 0.4 if r["inspected"] == "backdoored" else 0.2} for r in rows if r["attack"] == "BadNets"]
     text = ControlTable().render(Context(exp, tmp_path, low, []), ControlParams())
     assert "| 0.200 ± 0.000 | 4 | not shown (at or below chance: smallest value 0.4 < 0.5 + 0.1) |" in text
+
+
+def test_processes_side_by_side_continue_a_local_run_and_match_it_exactly(tmp_path, reference, capsys):
+    f, ref_out, _ = reference
+    out = tmp_path / "moved"
+    for cell in SEED0:  # seed 0 was run locally; two worker processes (one CPU each) do the rest
+        shutil.copytree(ref_out / "cells" / cell, out / "cells" / cell)
+    res = run_experiment(f, out, executor="processes", num_cpus=2, progress=False)
+    assert res.ok and sorted(res.skipped) == sorted(SEED0) and sorted(res.ran) == sorted(SEED1)
+    assert values(out) == values(ref_out)  # same thread count per cell: the same numbers
+    # the CLI's default picks the processes executor for 1-CPU cells on a machine with more cores
+    shutil.rmtree(out / "cells" / SEED1[-1])
+    calls = []
+    real = executors.ProcessExecutor.submit
+    try:
+        executors.ProcessExecutor.submit = lambda self, cell, progress: (calls.append(cell.id), real(self, cell, progress))[1]
+        assert main(["run", str(f), "--out", str(out), "--quiet", "--cpus", "2"]) == 0
+    finally:
+        executors.ProcessExecutor.submit = real
+    assert calls == [SEED1[-1]] and values(out) == values(ref_out)

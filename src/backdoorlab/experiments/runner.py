@@ -8,6 +8,7 @@ it at any moment, start it again: nothing finished is redone and no row is dupli
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -192,6 +193,9 @@ def run_experiment(experiment: str | Path | Experiment, out: str | Path, executo
     A grid never shrinks the results it finds in ``out`` unless ``drop_missing``; once every cell
     has finished, a table metric that no cell produced is an error naming the table."""
     grid = prepare(experiment, out)
+    if executor == "auto":  # cells that ask for fewer CPUs than this machine has run side by side
+        cpus = sorted(c.resources.cpus for c in grid) or [0]
+        executor = "processes" if (address is None and cpus[len(cpus) // 2] < (num_cpus or os.cpu_count() or 1)) else "local"
     ex = make_executor(executor, address, num_cpus)
     gone = check_shrink(grid, drop_missing)
     grid.out.mkdir(parents=True, exist_ok=True)

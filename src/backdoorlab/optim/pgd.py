@@ -57,20 +57,27 @@ def pgd(x: Tensor, loss_fn: LossPerSample, cfg: PGDConfig, generator: torch.Gene
     best = x.clone()
     best_loss = torch.full((len(x),), float("inf"), device=x.device)
     active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    live = idx  # the samples still stepping: those that stopped early leave the batch (same result, less work)
     for _ in range(cfg.steps):
-        loss = loss_fn(x + delta, idx)
-        (grad,) = torch.autograd.grad(loss.sum(), delta)
+        d = delta[live].detach().requires_grad_(True) if len(live) < len(x) else delta
+        xa = x[live] + d
+        loss = loss_fn(xa, live)
+        (grad,) = torch.autograd.grad(loss.sum(), d)
         with torch.no_grad():
             if cfg.keep_best:
-                better = loss.detach() < best_loss
-                best_loss = torch.where(better, loss.detach(), best_loss)
-                best[better] = (x + delta)[better]
+                better = loss.detach() < best_loss[live]
+                best_loss[live] = torch.where(better, loss.detach(), best_loss[live])
+                best[live[better]] = xa[better]
             if cfg.early_stop is not None:
-                active &= ~cfg.early_stop(x + delta, idx)
+                stop = cfg.early_stop(xa, live)
+                active[live[stop]] = False
                 if not bool(active.any()):
                     break
-            signed_step_(delta, grad, cfg.alpha * active.view(-1, *[1] * (x.dim() - 1)), cfg.epsilon)
-            delta.copy_((x + delta).clamp(0, 1) - x)
+                keep = ~stop
+                live, grad = live[keep], grad[keep]
+            step = delta[live]
+            signed_step_(step, grad, cfg.alpha, cfg.epsilon)
+            delta[live] = (x[live] + step).clamp(0, 1) - x[live]
     with torch.no_grad():
         final = x + delta
         if cfg.keep_best:
