@@ -133,6 +133,9 @@ def test_greedy_pairs_match_the_sequential_greedy():
     (dict(replace_share=0.0), "replace_share"),
     (dict(near_top=0.0), "near_top"),
     (dict(near_region="all"), "near_region"),
+    (dict(objective="margin"), "objective"),
+    (dict(margin=-1.0), "margin"),
+    (dict(margin_weight=0.0), "margin_weight"),
 ])
 def test_bad_parameters_name_the_field(params, field):
     with pytest.raises(ConfigError, match=field):
@@ -208,3 +211,24 @@ def test_the_ot_is_fitted_once_per_clean_model_and_restored_from_the_cache(three
     assert torch.equal(again.h, first.h) and torch.equal(again.sample_assignments(), first.sample_assignments())
     _, _, other = fit_ot(feats, p, 4, torch.device("cpu"), False, tmp_path)  # another seed: another fit
     assert other is False and len(list(tmp_path.glob("ot-*.safetensors"))) == 2
+
+
+def test_the_margin_variant_moves_towards_the_backdoored_heads_target_where_the_papers_objective_stays():
+    from backdoorlab.attacks.mmlm import MMLM
+
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    head = torch.nn.Linear(4, 3)
+    x = torch.rand(8, 1, 4, 4)
+    with torch.no_grad():
+        z = enc(x)  # every image already sits on its code: the paper's objective has nothing to do
+        margin = lambda xa: (lambda lg: lg[:, 2] - lg[:, [0, 1]].max(1).values)(head(enc(xa)))  # noqa: E731
+    paper = MMLM(MMLMParams(target=2)).craft(enc, x, z, 64 / 255, 20, head=head)
+    variant = MMLM(MMLMParams(target=2, objective="latent+margin", margin=5.0)).craft(enc, x, z, 64 / 255, 20, head=head)
+    assert paper.dtype == variant.dtype == torch.uint8
+    x8 = (x * 255).round() / 255
+    with torch.no_grad():
+        base, got_paper, got_variant = margin(x8), margin(paper.float() / 255), margin(variant.float() / 255)
+    assert torch.allclose(got_paper, base, atol=0.05)  # keep-best: the start is already optimal
+    assert bool((got_variant > base + 0.05).all())  # the hinge pulls every image towards the target
+    assert float((variant.float() - x8 * 255).abs().max()) <= 64 + 1e-4  # still inside the budget (8-bit units)
