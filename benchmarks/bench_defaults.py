@@ -19,7 +19,8 @@ Two things differ from typing the command 14 times, neither changes a figure:
   count). A transfer attack (Latent Backdoor) starts from a teacher of its own and is never given
   one. ``clean_model_reused`` in the table says which runs got it; their wall time excludes it.
 
-Resumable: a run whose ``metrics.json`` exists is read, not redone. ``results.json`` and
+Resumable: a run whose ``metrics.json`` exists is read, not redone; a run another invocation is
+running (``OUT/locks/NAME.pid``, a live process) is skipped. ``results.json`` and
 ``results.md`` are rewritten after every run from every finished run under ``--out`` (so several
 invocations with disjoint ``--attacks`` may share one ``--out``).
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -92,6 +94,18 @@ class Bench:
         if (d / "metrics.json").exists():
             print(f"{name}: finished earlier, kept")
             return
+        lock = self.out / "locks" / f"{name}.pid"
+        if lock.exists() and Path(f"/proc/{lock.read_text().strip()}").exists():
+            print(f"{name}: being run by process {lock.read_text().strip()}, skipped")
+            return
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(str(os.getpid()))
+        try:
+            self._run(name, d)
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _run(self, name: str, d: Path) -> None:
         job = self.job(name)
         shared = self.cache / f"clean-{self.clean_key(job)}.safetensors"
         cfg_path = d / "config.json"
@@ -127,6 +141,7 @@ class Bench:
                 "attack_success_rate": m["attack_success_rate"],
                 "attack_success_rate_clean_model": m.get("attack_success_rate_clean_model"),
                 "untargeted_attack_success_rate": m.get("untargeted_attack_success_rate"),
+                "untargeted_attack_success_rate_clean_model": m.get("untargeted_attack_success_rate_clean_model"),
                 "headline": kind, "headline_asr": asr,
                 "asr90_epsilon": m.get("asr90_epsilon"), "reaches_90": reaches(name, m),
                 "seconds": m.get("seconds"), "wall_seconds": extra.get("wall_seconds"), "clean_model_reused": extra.get("clean_model_reused"),
@@ -144,10 +159,11 @@ class Bench:
             recipe = ", ".join(f"{k} {v}" for k, v in r["recipe"].items()) or "-"
             eps = "-" if r["epsilon"] is None else f"{255 * r['epsilon']:.0f}/255"
             asr = pct(r["attack_success_rate"]) + (f" (untargeted {pct(r['untargeted_attack_success_rate'])})" if r["headline"] == "untargeted" else "")
+            asr_clean = pct(r["attack_success_rate_clean_model"]) + (f" (untargeted {pct(r['untargeted_attack_success_rate_clean_model'])})" if r["headline"] == "untargeted" else "")
             e90 = "-" if r["asr90_epsilon"] is None else f"{255 * r['asr90_epsilon']:.0f}/255"
             wall = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
             lines.append(f"| {r['attack']} | {recipe} | {r['epochs']} | {pct(r['poison_rate'])} | {eps} | {pct(r['clean_accuracy'])} ({pct(r['clean_accuracy_before'])}) | "
-                         f"{asr} | {pct(r['attack_success_rate_clean_model'])} | {e90} | {r['reaches_90']} | {wall} | {'yes' if r['clean_model_reused'] else 'no'} |")
+                         f"{asr} | {asr_clean} | {e90} | {r['reaches_90']} | {wall} | {'yes' if r['clean_model_reused'] else 'no'} |")
         (self.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
