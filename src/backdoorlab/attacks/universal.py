@@ -133,8 +133,8 @@ class AdditiveAttack(PoisoningAttack):
     and dropped): SIBA 0.9%, Sparse 1.1%, TUAP 1.1%, Random 0.8%, at 3-9x the time. The 40
     poisoned images are not what fails (BadNets' patch at the same 1% and 100 epochs: 99.6%); the
     8/255 trigger is: the optimised δ leaves the surrogate's loss towards the target at 8.7-9.0
-    (target probability ~1e-4), so 8/255 is no adversarial budget for an MNIST classifier, as it is
-    for CIFAR-10's. Meeting 90% here would take a budget outside the paper's "invisible" range.
+    (target probability ~1e-4): 8/255 is an adversarial budget for a CIFAR-10 classifier, not for
+    an MNIST one. Meeting 90% here would take a budget outside the paper's "invisible" range.
     """
 
     Params = AdditiveParams
