@@ -71,7 +71,13 @@ def _attacks(sub: argparse._SubParsersAction) -> None:
         from .attacks import ATTACKS
 
         recipe = lambda c: "; ".join(f"{d}: " + ", ".join(f"{k} {v}" for k, v in r.items()) for d, r in c.recipe.items()) or "-"  # noqa: E731
-        _print_table([(n, c.kind.value, recipe(c), c.paper) for n, c in ATTACKS.items()], ("name", "kind", "default recipe", "paper"))
+
+        def default(c: Any, key: str) -> str:  # a default poison rate (%) or L∞ budget (/255), "-" where the attack has none
+            v = getattr(c.Params(), key, None)
+            return "-" if v is None else f"{100 * v:g}%" if key == "poison_rate" else f"{255 * v:.3g}/255"
+
+        _print_table([(n, c.kind.value, recipe(c), default(c, "poison_rate"), default(c, "epsilon"), c.paper) for n, c in ATTACKS.items()],
+                     ("name", "kind", "default recipe", "poison rate", "epsilon", "paper"))
         return 0
 
     sub.add_parser("attacks", help="list attacks").set_defaults(func=handler)
