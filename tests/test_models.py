@@ -31,3 +31,19 @@ def test_reference_sizes():
     traffic = build_model(Arch("traffic-cnn", 3, 43, (32, 32)))
     convs = [m.out_channels for m in traffic.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs == [32, 32, 64, 64, 128, 128] and traffic.feature_dim == 512
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cpu_images_enter_channels_last_with_the_same_logits(channels):
+    torch.manual_seed(0)
+    m = build_model(Arch("digit-cnn", channels, 10, (28, 28))).eval()
+    seen = []
+    m.stages["conv1"][0].register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last) and inp[0].stride(1) == 1))
+    x = torch.rand(5, channels, 28, 28)
+    with torch.no_grad():
+        fast = m(x)
+        m.channels_last = False
+        plain = m(x)
+    assert seen == [True, False]  # one-channel images too: contiguous() alone would leave their strides
+    assert torch.allclose(fast, plain, atol=1e-5)
+    assert torch.equal(m.forward_to(x, 0), x)  # "the first 0 stages" is the input itself

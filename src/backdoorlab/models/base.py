@@ -75,7 +75,7 @@ class Classifier(nn.Module):
         """Output of the first ``k`` stages (k = 0 is the input itself)."""
         n = self._index(k)
         if n and self.channels_last and x.dim() == 4 and x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.to(memory_format=torch.channels_last)  # restrides even one-channel images (contiguous() would not)
         for mod in list(self.stages.values())[:n]:
             x = mod(x)
         return x
