@@ -165,8 +165,8 @@ class ProcessExecutor(Executor):
     """Cells side by side on this machine, each in a worker process with the CPUs it asks for.
 
     As many cells run at once as their CPUs fit in ``num_cpus`` (default: this machine's cores);
-    on the 2-core CPU two 1-CPU cells give 1.4x the images/s of one 2-thread cell (small CNNs do not
-    use two threads well; docs/results.md section 7). Workers are spawned (fresh interpreters) and
+    small CNNs use a second thread poorly, so two 1-CPU cells side by side get more done than one
+    2-thread cell (benchmarks/bench_speed.py). Workers are spawned (fresh interpreters) and
     reused; a cell's trainer progress bars are off (the grid's progress line says what runs).
     """
 
