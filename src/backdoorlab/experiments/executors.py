@@ -143,6 +143,18 @@ class LocalExecutor(Executor):
         return [Outcome(cell, metrics, None, time.perf_counter() - t0)]
 
 
+def median_cpus(cells: list[Cell]) -> float:
+    """The CPUs a typical cell asks for (the median): what sizes the slots and what ``auto`` compares."""
+    return sorted(c.resources.cpus for c in cells)[len(cells) // 2] if cells else 0.0
+
+
+def _timed_cell(cell: Cell, progress: bool) -> tuple[dict, float]:
+    """Run a cell in a worker (a process or a Ray task); its metrics and wall seconds."""
+    t0 = time.perf_counter()
+    metrics = execute_cell(cell, progress)
+    return metrics, time.perf_counter() - t0
+
+
 def _die_with_parent() -> None:
     """A worker ends when the grid's process does (even on SIGKILL), so no orphan finishes a cell
     that the resumed grid runs again (Linux; elsewhere the worker ends after its current cell)."""
@@ -153,12 +165,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _pool_cell(cell: Cell, progress: bool) -> tuple[dict, float]:
-    t0 = time.perf_counter()
-    metrics = execute_cell(cell, progress)
-    return metrics, time.perf_counter() - t0
 
 
 class ProcessExecutor(Executor):
@@ -188,8 +194,7 @@ class ProcessExecutor(Executor):
 
     def plan_slots(self, cells: list[Cell]) -> None:
         if cells:
-            per = sorted(c.resources.cpus for c in cells)[len(cells) // 2]
-            self.slots = max(1, int(self._cpus // max(per, 1e-9)))
+            self.slots = max(1, int(self._cpus // max(median_cpus(cells), 1e-9)))
 
     def can_take(self, cell: Cell) -> bool:
         used = sum(c.resources.cpus for c, _ in self._inflight.values())
@@ -200,7 +205,7 @@ class ProcessExecutor(Executor):
         return len(self._inflight)
 
     def submit(self, cell: Cell, progress: bool) -> None:
-        fut = self._pool.submit(_pool_cell, cell, False)
+        fut = self._pool.submit(_timed_cell, cell, False)
         self._inflight[fut] = (cell, time.perf_counter())
 
     def wait(self) -> list[Outcome]:
@@ -231,12 +236,6 @@ class ProcessExecutor(Executor):
                     pr.terminate()
             self._inflight.clear()
             self._pool = None
-
-
-def _ray_cell(cell: Cell, progress: bool) -> tuple[dict, float]:
-    t0 = time.perf_counter()
-    metrics = execute_cell(cell, progress)
-    return metrics, time.perf_counter() - t0
 
 
 class RayExecutor(Executor):
@@ -272,7 +271,7 @@ class RayExecutor(Executor):
             self._started = True
         res = ray.cluster_resources()
         self._cpus, self._gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
-        self._task = ray.remote(_ray_cell)
+        self._task = ray.remote(_timed_cell)
 
     def can_take(self, cell: Cell) -> bool:
         if not self._inflight:
@@ -289,8 +288,7 @@ class RayExecutor(Executor):
 
     def plan_slots(self, cells: list[Cell]) -> None:
         if cells:
-            per = sorted(c.resources.cpus for c in cells)[len(cells) // 2]
-            self.slots = max(1, int(self._cpus // per))
+            self.slots = max(1, int(self._cpus // max(median_cpus(cells), 1e-9)))
 
     def stop(self) -> None:
         if self._inflight:

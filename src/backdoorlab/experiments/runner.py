@@ -17,7 +17,7 @@ from pathlib import Path
 from ..artifacts import RunDir
 from ..errors import ConfigError
 from ..validate import check_out_folder
-from .executors import EXECUTORS, Executor
+from .executors import EXECUTORS, Executor, median_cpus
 from .grid import Cell, Grid, expand
 from .report import check_outputs, write_report
 from .spec import Experiment, load_experiment
@@ -194,8 +194,7 @@ def run_experiment(experiment: str | Path | Experiment, out: str | Path, executo
     has finished, a table metric that no cell produced is an error naming the table."""
     grid = prepare(experiment, out)
     if executor == "auto":  # cells that ask for fewer CPUs than this machine has run side by side
-        cpus = sorted(c.resources.cpus for c in grid) or [0]
-        executor = "processes" if (address is None and cpus[len(cpus) // 2] < (num_cpus or os.cpu_count() or 1)) else "local"
+        executor = "processes" if address is None and median_cpus(list(grid)) < (num_cpus or os.cpu_count() or 1) else "local"
     ex = make_executor(executor, address, num_cpus)
     gone = check_shrink(grid, drop_missing)
     grid.out.mkdir(parents=True, exist_ok=True)
