@@ -104,6 +104,7 @@ def test_dswd_of_a_shift_along_one_row_direction():
     ("wb", {"alpha": 1.0}, "params.alpha"),
     ("wb", {"generator": "vae"}, "params.generator"),
     ("wb", {"stage1_epochs": 0}, "params.stage1_epochs"),
+    ("wb", {"residual_weight": -0.1}, "params.residual_weight"),
     ("lira", {"lam": 0.5}, "params.lam"),
 ])
 def test_bad_params_name_the_field(attack, params, field):
@@ -139,8 +140,8 @@ class Crash(LatentHooks):
         return super().loss(*a, **k)
 
 
-def _setup(digits, hooks_cls=LatentHooks, **kw):
-    attack = WB(WBParams(epsilon=0.1, stage1_epochs=2, poison_rate=0.5, gen_width=2))
+def _setup(digits, hooks_cls=LatentHooks, residual_weight=0.0, **kw):
+    attack = WB(WBParams(epsilon=0.1, stage1_epochs=2, poison_rate=0.5, gen_width=2, residual_weight=residual_weight))
     torch.manual_seed(5)
     trig = GeneratorTrigger.build("conv-ae", 1, 2, 0.1)
     torch.manual_seed(6)
@@ -166,6 +167,18 @@ def test_stages_alternate_then_freeze_and_resume_exactly(digits, tmp_path):
     train(m3, digits.train, digits.spec, cfg, seed=3, progress=False, hooks=h3, checkpoint=ck)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m3.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(hooks.trigger.state_dict().values(), h3.trigger.state_dict().values()))
+
+
+def test_the_residual_term_shrinks_the_trigger(digits):
+    cfg = TrainConfig(epochs=2, batch_size=128, lr=0.05, augment=False)
+    x = digits.test.x[:200].float() / 255
+    sizes = {}
+    for w in (0.0, 1.0):
+        model, hooks = _setup(digits, residual_weight=w)
+        train(model, digits.train, digits.spec, cfg, seed=3, progress=False, hooks=hooks)
+        with torch.no_grad():
+            sizes[w] = float((hooks.trigger.eval()(x) - x).abs().mean())
+    assert sizes[1.0] < 0.5 * sizes[0.0]  # the same run and seeds: only the generator's loss differs
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -203,3 +216,14 @@ def test_end_to_end_on_digits(tmp_path, mode):
     view, truth = load_case(run)
     delivered = {bytes(row.numpy().tobytes()) for row in again}
     assert len(truth.poisoned) > 0 and all(bytes(row.numpy().tobytes()) in delivered for row in truth.poisoned)
+    assert view.inspected_source == "test-inputs"
+    # the poster-like inspection: the training set with 10% of it poisoned by the trained generator
+    view, truth = load_case(run, inspect_poison_rate=0.1)
+    train_set = load_dataset("digits").train
+    flags = truth.inspected_poisoned
+    assert view.inspected_source == "training-set" and int(flags.sum()) == round(0.1 * len(train_set))
+    assert torch.equal(view.inspected.x[~flags], train_set.x[~flags]) and torch.equal(view.inspected.y[~flags], train_set.y[~flags])
+    assert torch.equal(view.inspected.y[flags], truth.labels(train_set.y[flags]))
+    if mode == "all-to-one":
+        assert not bool((train_set.y[flags] == truth.target).any())  # drawn among the images the ASR counts
+    assert int((view.inspected.x[flags].int() - train_set.x[flags].int()).abs().max()) <= int(0.1 * 255)

@@ -225,7 +225,8 @@ def _defend(sub: argparse._SubParsersAction) -> None:
     def handler(a: argparse.Namespace) -> int:
         from .defenses import DEFENSES, DefenseJob, run_defense
 
-        job = DefenseJob(a.name, a.run, a.model, a.heldout_fraction, a.heldout_seed, a.seed, a.device, parse_pairs(a.param, "--param"), a.max_inputs, a.cache_dir)
+        job = DefenseJob(a.name, a.run, a.model, a.heldout_fraction, a.heldout_seed, a.seed, a.device, parse_pairs(a.param, "--param"), a.max_inputs, a.cache_dir,
+                         inspect_poison_rate=a.inspect_poison_rate)
         m = run_defense(job, a.out, progress=not a.quiet, force=a.force)
         scalars = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
         lists = [k for k in DEFENSES.get(a.name).headline if k not in scalars]
@@ -242,6 +243,8 @@ def _defend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-fraction", type=float, default=0.2, help="stratified fraction of the test split given to the defender as clean data; the rest scores the defense")
     p.add_argument("--heldout-seed", type=int, default=0)
     p.add_argument("--max-inputs", type=int, default=1000, help="clean and poisoned test-time inputs presented to the defense, each (0 = all)")
+    p.add_argument("--inspect-poison-rate", type=float, default=None,
+                   help="for an attack that delivers no training set (wb, lira): inspect the training set with this share poisoned by its trigger")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--param", "-p", action="append", metavar="KEY=VALUE", help="any defense parameter")

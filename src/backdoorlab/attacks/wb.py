@@ -21,7 +21,10 @@ WB's latent term pulls the two distributions together. LIRA is the same training
 Our choices (configurable, see ``shared/notes/algorithms.md``, WB section, for what LIRA's code
 fixes): both steps poison the first ``poison_rate`` of each shuffled batch (1.0: every image, as
 in LIRA); λ = 1 (the poster gives no value); the generator's base width per generator; the
-generator's Adam learning rate 1e-3 (LIRA: 1e-4 over many more epochs than a CPU run affords).
+generator's Adam learning rate 1e-2 (LIRA: 1e-4 over many more epochs than a CPU run affords);
+``residual_weight`` (default 0, the poster's loss): a term ``residual_weight``·mean|T(x) − x|/ε in the
+generator's loss, our addition for image quality (an L1 residual is pushed to few pixels, so the
+black background stays black and SSIM rises; docs/results.md §9).
 The generator follows the data's shape (:mod:`backdoorlab.models.generators`).
 """
 
@@ -71,7 +74,8 @@ class WBParams(PoisonParams):
     ``squared``: the latent term is λ·DSWD² (as in an independent version; DSWD's own gradient
     does not shrink with the distance and drowns the CE term early on) instead of λ·DSWD;
     ``poison_rate``: the share of each batch that is poisoned (in the generator's step and in
-    the classifier's poisoned term)."""
+    the classifier's poisoned term); ``residual_weight``: weight of mean|T(x) − x|/ε in the
+    generator's loss (our addition for image quality; 0, the default, is the poster's loss)."""
 
     poison_rate: float = 0.5
     epsilon: float = 0.05
@@ -84,6 +88,7 @@ class WBParams(PoisonParams):
     gen_width: int | None = None
     lagged: bool = False
     squared: bool = True
+    residual_weight: float = 0.0
 
     def validate(self, num_classes: int) -> None:
         super().validate(num_classes)
@@ -91,6 +96,7 @@ class WBParams(PoisonParams):
         if self.stage2_epsilon is not None:
             check_rate("stage2_epsilon", self.stage2_epsilon)
         check_range("lam", self.lam, 0.0, 1e6)
+        check_range("residual_weight", self.residual_weight, 0.0, 1e6)
         check_range("alpha", self.alpha, 0.0, 1.0, high_open=True)
         check_range("gen_lr", self.gen_lr, 0.0, 10.0, low_open=True)
         check_int("stage1_epochs", self.stage1_epochs, 1, 100_000)
@@ -118,7 +124,8 @@ class LIRAParams(WBParams):
 class LatentHooks(TrainHooks):
     """The two stages of LIRA/WB inside the shared training loop (see the module docstring).
     Per-epoch records gain ``stage``, ``generator_loss`` and ``dswd`` (means over the epoch's
-    generator steps; 0 in stage 2). The generator, its optimiser and its lagged copy travel in the
+    generator steps; 0 in stage 2) and ``poison_accuracy`` (the share of the epoch's poisoned
+    training images the classifier sends to η(y): the attacker's own ASR, from training data). The generator, its optimiser and its lagged copy travel in the
     trainer's checkpoint, so a run resumes in either stage."""
 
     def __init__(self, attack: "WB", trigger: GeneratorTrigger, num_classes: int) -> None:
@@ -130,6 +137,7 @@ class LatentHooks(TrainHooks):
         self.opt = torch.optim.Adam(self.trigger.net.parameters(), lr=self.p.gen_lr)
         self.epoch = 0
         self._sums = torch.zeros(3)  # generator loss, dswd, steps
+        self._hits = torch.zeros(2)  # poisoned training images the classifier sends to η(y), poisoned images seen
 
     @property
     def stage(self) -> int:
@@ -147,8 +155,11 @@ class LatentHooks(TrainHooks):
             return
         x, y = x[:k], y[:k]  # the batch is shuffled: its head is a random subset
         self.trigger.train()
-        logits, feats = forward.with_features(self.trigger(x))
+        xp = self.trigger(x)
+        logits, feats = forward.with_features(xp)
         loss = nn.functional.cross_entropy(logits, self.attack.labels(y, self.nc))
+        if self.p.residual_weight > 0:
+            loss = loss + self.p.residual_weight * (xp - x).abs().mean() / self.p.epsilon
         d = torch.zeros(())
         if self.p.lam > 0:
             with torch.no_grad():
@@ -172,13 +183,17 @@ class LatentHooks(TrainHooks):
         clean_loss = nn.functional.cross_entropy(out[: len(y)], y)
         if k == 0:
             return clean_loss, out[: len(y)]
-        poison_loss = nn.functional.cross_entropy(out[len(y):], self.attack.labels(y[:k], self.nc))
+        wanted = self.attack.labels(y[:k], self.nc)
+        poison_loss = nn.functional.cross_entropy(out[len(y):], wanted)
+        self._hits += torch.tensor([float((out[len(y):].detach().argmax(1) == wanted).sum()), float(k)])
         return self.p.alpha * clean_loss + (1 - self.p.alpha) * poison_loss, out[: len(y)]
 
     def end_epoch(self, model, epoch: int, record: dict) -> None:
         steps = max(1.0, float(self._sums[2]))
-        record.update(stage=self.stage, generator_loss=float(self._sums[0]) / steps, dswd=float(self._sums[1]) / steps)
+        record.update(stage=self.stage, generator_loss=float(self._sums[0]) / steps, dswd=float(self._sums[1]) / steps,
+                      poison_accuracy=float(self._hits[0]) / max(1.0, float(self._hits[1])))
         self._sums.zero_()
+        self._hits.zero_()
         self.epoch = epoch
         self.lagged.load_state_dict(self.trigger.state_dict())
         if self.stage == 2:  # frozen from here on, at the delivery ε

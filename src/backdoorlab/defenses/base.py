@@ -27,7 +27,7 @@ from ..artifacts import RunDir
 from ..errors import ConfigError
 from ..metrics.ranking import auroc
 from ..registry import Registry
-from ..validate import build_params, check_apart, check_device, check_int, check_range  # noqa: F401  (check_int: the defenses' import)
+from ..validate import build_params, check_apart, check_device, check_int, check_range, check_rate  # noqa: F401  (check_int: the defenses' import)
 from .view import DefenderView, GroundTruth, check_run, load_case
 
 DEFENSES: Registry[type["Defense"]] = Registry("defense")
@@ -147,7 +147,10 @@ class DefenseJob:
 
     ``heldout_fraction`` / ``heldout_seed`` fix the defender's clean held-out part of the test
     split; ``max_inputs`` caps the clean and the poisoned test-time inputs presented to it (each;
-    0 = all); ``seed`` drives the defense's own randomness and which inputs are presented.
+    0 = all); ``seed`` drives the defense's own randomness and which inputs are presented;
+    ``inspect_poison_rate`` (attacks that deliver no training set, e.g. WB/LIRA): inspect the
+    training set with this share of its images passed through the attack's trigger and relabelled
+    (a poisoned training set as a data-level defense expects it) instead of the presented test inputs.
     """
 
     defense: str
@@ -160,6 +163,7 @@ class DefenseJob:
     params: dict = field(default_factory=dict)
     max_inputs: int = 1000
     cache_dir: str | None = None  # work shared between runs (MNTD's shadow set); not part of the config
+    inspect_poison_rate: float | None = None
 
     def build(self, check: bool = True) -> Defense:
         """Validate everything without loading data: unknown names, bad values, a missing run fail here."""
@@ -173,6 +177,8 @@ class DefenseJob:
         check_open_rate("heldout_fraction", self.heldout_fraction)
         check_int("heldout_seed", self.heldout_seed, 0)
         check_int("max_inputs", self.max_inputs, 0)
+        if self.inspect_poison_rate is not None:
+            check_rate("inspect_poison_rate", self.inspect_poison_rate)
         check_int("seed", self.seed, 0, 2**31 - 1)
         check_device(self.device)
         if check:
@@ -183,6 +189,8 @@ class DefenseJob:
         """What the run directory records (the attack run need not exist yet: a grid compares configs first)."""
         cfg = asdict(self)
         cfg.pop("cache_dir")  # a cache only saves time: the same run with or without it
+        if cfg["inspect_poison_rate"] is None:  # runs made before the option keep their config
+            cfg.pop("inspect_poison_rate")
         cfg["run"] = str(Path(self.run).resolve())
         cfg["params"] = asdict(self.build(check=False).p)
         return cfg
@@ -216,7 +224,8 @@ def run_defense(job: DefenseJob, out: str | Path, progress: bool = True, force: 
     t0 = time.perf_counter()
     device = resolve_device(job.device)
     # the attack run's data and model are loaded (and checked) before the output folder is touched
-    view, truth = load_case(job.run, job.model, job.heldout_fraction, job.heldout_seed, job.max_inputs, device, rd.path, job.seed, progress)
+    view, truth = load_case(job.run, job.model, job.heldout_fraction, job.heldout_seed, job.max_inputs, device, rd.path, job.seed, progress,
+                            inspect_poison_rate=job.inspect_poison_rate)
     view.cache_dir = Path(job.cache_dir) if job.cache_dir else None
     if truth_hook is not None:
         truth = truth_hook(truth)

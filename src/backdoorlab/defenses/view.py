@@ -12,7 +12,10 @@
 - **the data to inspect** (data-level defenses): the training set as delivered (poisoned samples
   unmarked, labels as delivered), rebuilt deterministically from the run's poison indices and
   trigger through the attack's own ``poison``; for an attack that leaves the training set clean
-  (MMLM, a test-time attack), the presented inputs labelled as the inspected model predicts them.
+  (MMLM, a test-time attack), the presented inputs labelled as the inspected model predicts them;
+  with ``inspect_poison_rate``, an attack that delivers no training set but has a trigger (WB, LIRA)
+  is inspected on the training set with that share of its images (drawn among the images the ASR
+  counts, with the defense seed) passed through the trigger and relabelled η(y).
 
 :class:`GroundTruth` goes only to a defense's scoring step: the attack's target and label map,
 which inspected samples and which presented inputs are poisoned, the evaluation images (the test
@@ -176,7 +179,11 @@ def delivered_training_set(data: Dataset, cfg: dict, trigger: Trigger | None, po
         return attack.poison(actx, trigger.cpu(), idx)
     params = cfg["params"]
     x, y = data.train.x.clone(), data.train.y.clone()
-    x[idx] = to_uint8(trigger.cpu()(to_float(x[idx])))
+    trigger = trigger.cpu()
+    with torch.no_grad():
+        out = torch.cat([trigger(to_float(x[idx[s : s + 1024]])) for s in range(0, len(idx), 1024)])
+    eps = getattr(trigger, "eps", None)  # an L∞-bounded trigger: rounded inside its ball, as its attack delivers
+    x[idx] = quantize(x[idx], out, float(eps)) if eps is not None else to_uint8(out)
     y[idx] = target_labels(y[idx], params.get("target_mode", "all-to-one"), int(params.get("target", data.spec.default_target)), data.spec.num_classes)
     return ImageSet(x, y)
 
@@ -191,6 +198,7 @@ def load_case(
     out: Path | None = None,
     seed: int = 0,
     progress: bool = False,
+    inspect_poison_rate: float | None = None,
 ) -> tuple[DefenderView, GroundTruth]:
     """Build the defender's view and the ground truth of one attack run (see the module docstring)."""
     path = check_run(run, model)
@@ -237,10 +245,17 @@ def load_case(
     order = torch.randperm(len(clean_x) + len(pois_x), generator=torch.Generator().manual_seed(seed + 2))
     inputs = torch.cat([clean_x, pois_x])[order]
     inputs_poisoned = torch.cat([torch.zeros(len(clean_x), dtype=torch.bool), torch.ones(len(pois_x), dtype=torch.bool)])[order]
-    if "poison_indices" in tensors:
-        inspected = delivered_training_set(data, cfg, trigger, tensors["poison_indices"])
+    poison_indices = tensors.get("poison_indices")
+    if poison_indices is None and inspect_poison_rate is not None:
+        if trigger is None:
+            raise ConfigError("inspect_poison_rate", f"{path} holds no trigger to poison a training set with")
+        eligible = torch.nonzero(asr_mask(data.train.y, mode, target)).flatten()  # type: ignore[arg-type]
+        n = max(1, round(inspect_poison_rate * len(data.train)))
+        poison_indices = eligible[limit(len(eligible), n, seed + 3)]
+    if poison_indices is not None:
+        inspected = delivered_training_set(data, cfg, trigger, poison_indices)
         inspected_poisoned = torch.zeros(len(data.train), dtype=torch.bool)
-        inspected_poisoned[tensors["poison_indices"].long()] = True
+        inspected_poisoned[poison_indices.long()] = True
         source = "training-set"
     else:
         inspected = ImageSet(inputs, predict(net, inputs))

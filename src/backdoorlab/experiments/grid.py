@@ -185,7 +185,8 @@ def expand(exp: Experiment, out: str | Path) -> Grid:
 
     for i, df in enumerate(exp.defenses):
         try:
-            check_defense(DefenseJob(df.name, str(root / "not-yet-run"), heldout_fraction=df.heldout_fraction, heldout_seed=df.heldout_seed, params=dict(df.params), max_inputs=df.max_inputs))
+            check_defense(DefenseJob(df.name, str(root / "not-yet-run"), heldout_fraction=df.heldout_fraction, heldout_seed=df.heldout_seed, params=dict(df.params),
+                                     max_inputs=df.max_inputs, inspect_poison_rate=df.inspect_poison_rate))
         except ConfigError as e:
             field_ = "name" if e.field == "defense" else e.field
             raise ConfigError(f"defenses[{i}].{field_}", str(e).split(": ", 1)[-1]) from None
@@ -237,7 +238,8 @@ def _defense_cells(df: DefenseEntry, attack: Cell, base: str, label: str, group:
                 else:
                     on = f"{label}/{CLEAN_MODEL}"
             cid = f"defense/{base}/{slug(on)}/{slug(df.label)}/s{attack.seed}{rep}"
-            job = DefenseJob(df.name, str(attack.dir), model, df.heldout_fraction, held, seed, exp.device, dict(df.params), df.max_inputs, str(root.parent / "cache"))
+            job = DefenseJob(df.name, str(attack.dir), model, df.heldout_fraction, held, seed, exp.device, dict(df.params), df.max_inputs, str(root.parent / "cache"),
+                             inspect_poison_rate=df.inspect_poison_rate)
             cells.append(Cell(cid, "defense", attack.dataset, attack.model, attack.seed, job, root / cid, df.resources or exp.resources,
                               (attack.id,), lab, grp, pt, df.label, "backdoored" if model == "backdoored" else CLEAN_MODEL, r))
     return cells

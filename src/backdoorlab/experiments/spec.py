@@ -118,6 +118,7 @@ class DefenseEntry:
     heldout_fraction: float = 0.2  # the defender's clean share of the test split (DefenseJob)
     heldout_seed: int = 0
     max_inputs: int = 1000  # clean and poisoned test-time inputs presented to the defense, each (DefenseJob)
+    inspect_poison_rate: float | None = None  # inspect a training set poisoned by the run's trigger (DefenseJob)
     # the control: the same defense on the clean model, beside every attack cell it defends (on the same
     # inputs); a model-inspection defense (which reads no inputs) runs it once per dataset, model and seed
     clean_model: bool = False
@@ -271,7 +272,7 @@ def _defense(i: int, d: Any, groups: list[str]) -> DefenseEntry:
     if not isinstance(d, dict):
         name = _str(w, d)
         return DefenseEntry(name, name)
-    _keys(w, d, ("label", "name", "params", "attacks", "resources", "heldout_fraction", "heldout_seed", "max_inputs", "clean_model", "repeats"), ("name",))
+    _keys(w, d, ("label", "name", "params", "attacks", "resources", "heldout_fraction", "heldout_seed", "max_inputs", "clean_model", "repeats", "inspect_poison_rate"), ("name",))
     attacks = d.get("attacks")
     if attacks is not None:
         attacks = [str(x) for x in _list(w + ".attacks", attacks, required=True)]
@@ -284,7 +285,7 @@ def _defense(i: int, d: Any, groups: list[str]) -> DefenseEntry:
         if not isinstance(d["clean_model"], bool):
             raise ConfigError(w + ".clean_model", f"expected true/false, got {d['clean_model']!r}")
         held["clean_model"] = d["clean_model"]
-    for k, tp in (("heldout_fraction", float), ("heldout_seed", int), ("max_inputs", int), ("repeats", int)):
+    for k, tp in (("heldout_fraction", float), ("heldout_seed", int), ("max_inputs", int), ("repeats", int), ("inspect_poison_rate", float)):
         if k in d:
             held[k] = tp(number(f"{w}.{k}", d[k], integer=tp is int))
     if not 1 <= held.get("repeats", 1) <= 100:
