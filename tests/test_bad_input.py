@@ -134,6 +134,8 @@ CASES = [
     (["defend", "strip", "--run", "{root}/attack", "--heldout-fraction", "1", "--out", "{root}/new"], "heldout_fraction"),
     (["defend", "strip", "--run", "{root}/attack", "--heldout-fraction", "nan", "--out", "{root}/new"], "heldout_fraction"),
     (["defend", "strip", "--run", "{root}/attack", "--max-inputs", "-1", "--out", "{root}/new"], "max_inputs"),
+    (["defend", "spectral-signatures", "--run", "{root}/attack", "--inspect-poison-rate", "0", "--out", "{root}/new"], "inspect_poison_rate"),
+    (["defend", "spectral-signatures", "--run", "{root}/attack", "--inspect-poison-rate", "0.1", "--out", "{root}/new"], "inspect_poison_rate"),
     (["defend", "strip", "--run", "{root}/attack", "-p", "n_overlays=0", "--out", "{root}/new"], "params.n_overlays"),
     (["defend", "strip", "--run", "{root}/attack", "--device", "bogus", "--out", "{root}/defend", "--force"], "device"),
     (["defend", "nope", "--run", "{root}/attack", "--out", "{root}/new"], "unknown defense"),

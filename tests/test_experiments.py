@@ -137,6 +137,7 @@ def _mutate(path: str, value):
     (_mutate("attacks.0.dataset_params", {"digits": {"patch_size": 0}}), "attacks[0].params.patch_size", ">= 1"),
     (_mutate("attacks.0.dataset_params", {"digits": 3}), "attacks[0].dataset_params.digits", "mapping"),
     (_mutate("defenses.0.repeats", 0), "defenses[0].repeats", "1 to 100"),
+    (_mutate("defenses.0.inspect_poison_rate", 1.5), "defenses[0].inspect_poison_rate", "(0, 1]"),
     (_mutate("tables.3", {"kind": "control", "defenses": ["magic"]}), "tables[3].defenses", "no defense labelled 'magic'"),
 ])
 def test_bad_files_fail_before_any_work_naming_the_field(tmp_path, change, field, text):
@@ -182,6 +183,15 @@ def test_grid_shares_one_clean_model_per_dataset_model_and_seed(tmp_path):
         twin = grid.by_id[c.id.replace("-clean-model/", "/")]
         assert (twin.inspected, twin.job.model, twin.attack) == ("backdoored", "backdoored", c.attack)
         assert c.deps == twin.deps and c.job.run == twin.job.run and c.job.seed == twin.job.seed
+
+
+def test_a_defense_entry_passes_its_inspection_rate_to_every_job_and_only_then_into_the_config(tmp_path):
+    doc = copy.deepcopy(GRID)
+    doc["defenses"] = [{"name": "spectral-signatures", "clean_model": True}, {"label": "SS 10%", "name": "spectral-signatures", "inspect_poison_rate": 0.1}]
+    cells = [c for c in prepare(parse_experiment(doc), tmp_path) if c.kind == "defense"]
+    rates = {(c.defense, c.job.inspect_poison_rate) for c in cells}
+    assert rates == {("spectral-signatures", None), ("SS 10%", 0.1)}
+    assert all(("inspect_poison_rate" in c.job.config()) == (c.defense == "SS 10%") for c in cells)  # older runs keep their config
 
 
 def test_defense_repeats_and_a_model_inspection_control_run_once(tmp_path):

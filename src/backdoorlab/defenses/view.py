@@ -246,6 +246,8 @@ def load_case(
     inputs = torch.cat([clean_x, pois_x])[order]
     inputs_poisoned = torch.cat([torch.zeros(len(clean_x), dtype=torch.bool), torch.ones(len(pois_x), dtype=torch.bool)])[order]
     poison_indices = tensors.get("poison_indices")
+    if poison_indices is not None and inspect_poison_rate is not None:
+        raise ConfigError("inspect_poison_rate", f"{path} delivered its own poisoned training set: it is inspected as delivered")
     if poison_indices is None and inspect_poison_rate is not None:
         if trigger is None:
             raise ConfigError("inspect_poison_rate", f"{path} holds no trigger to poison a training set with")
