@@ -13,7 +13,9 @@ with the classifier. The generators here follow the shapes LIRA's public code us
   (Tiny-ImageNet).
 
 Every generator is fully convolutional: it fits any image whose sides its ``divisor`` divides and
-returns the raw map g(x) (no output activation; the attack applies tanh and ε). ``auto`` picks the
+returns the raw map g(x) (no output activation; the attack applies tanh and ε). ``in_channels``
+(default: ``channels``) widens the input only, for conditioned generators: ISSBA's encoder reads the
+image and its secret bits broadcast as extra channels, and returns the image's channels. ``auto`` picks the
 generator made for the data's image side (28, 32, 64), or else the first that fits.
 """
 
@@ -32,7 +34,7 @@ from ..registry import Registry
 
 @dataclass(frozen=True)
 class GeneratorEntry:
-    build: Callable[[int, int], nn.Module]  # (channels, base width) -> module
+    build: Callable[..., nn.Module]  # (channels, base width, in_channels=None) -> module
     divisor: int  # image sides must be multiples of this
     default_width: int
     made_for: int  # the image side it is the default for
@@ -57,20 +59,20 @@ def _tbr(cin: int, cout: int) -> list[nn.Module]:
     return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def conv_autoencoder(channels: int, width: int) -> nn.Module:
+def conv_autoencoder(channels: int, width: int, in_channels: int | None = None) -> nn.Module:
     """28x28 -> 14 -> 7 -> 14 -> 28 (widths w, 2w, 4w)."""
     w = width
     return nn.Sequential(
-        *_cbr(channels, w), *_cbr(w, 2 * w, 4, 2), *_cbr(2 * w, 4 * w, 4, 2),
+        *_cbr(in_channels or channels, w), *_cbr(w, 2 * w, 4, 2), *_cbr(2 * w, 4 * w, 4, 2),
         *_tbr(4 * w, 2 * w), *_tbr(2 * w, w), nn.Conv2d(w, channels, 3, 1, 1),
     )
 
 
-def strided_autoencoder(channels: int, width: int) -> nn.Module:
+def strided_autoencoder(channels: int, width: int, in_channels: int | None = None) -> nn.Module:
     """Four stride-2 stages (w, 2w, 4w, 8w) down and four transposed convolutions back."""
     ws = [width * 2**i for i in range(4)]
     down: list[nn.Module] = []
-    cin = channels
+    cin = in_channels or channels
     for w in ws:
         down += _cbr(cin, w, 4, 2)
         cin = w
@@ -89,10 +91,10 @@ class _Double(nn.Sequential):
 class UNet(nn.Module):
     """Three average-pool downsamplings (w, 2w, 4w, 8w channels), bilinear upsampling with skips."""
 
-    def __init__(self, channels: int, width: int) -> None:
+    def __init__(self, channels: int, width: int, in_channels: int | None = None) -> None:
         super().__init__()
         ws = [width * 2**i for i in range(4)]
-        self.inc = _Double(channels, ws[0])
+        self.inc = _Double(in_channels or channels, ws[0])
         self.down = nn.ModuleList(_Double(a, b) for a, b in zip(ws[:-1], ws[1:]))
         self.up = nn.ModuleList(_Double(b + a, a) for a, b in reversed(list(zip(ws[:-1], ws[1:]))))
         self.out = nn.Conv2d(ws[0], channels, 1)
