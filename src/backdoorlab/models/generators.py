@@ -15,7 +15,7 @@ with the classifier. The generators here follow the shapes LIRA's public code us
 Every generator is fully convolutional: it fits any image whose sides its ``divisor`` divides and
 returns the raw map g(x) (no output activation; the attack applies tanh and ε). ``in_channels``
 (default: ``channels``) widens the input only, for conditioned generators: ISSBA's encoder reads the
-image and its secret bits broadcast as extra channels, and returns the image's channels. ``auto`` picks the
+image and its secret (mapped to an image by a learned layer) as extra channels, and returns the image's channels. ``auto`` picks the
 generator made for the data's image side (28, 32, 64), or else the first that fits.
 """
 
