@@ -105,6 +105,8 @@ def test_dswd_of_a_shift_along_one_row_direction():
     ("wb", {"generator": "vae"}, "params.generator"),
     ("wb", {"stage1_epochs": 0}, "params.stage1_epochs"),
     ("wb", {"residual_weight": -0.1}, "params.residual_weight"),
+    ("wb", {"attempts": 0}, "params.attempts"),
+    ("wb", {"min_poison_accuracy": 1.5}, "params.min_poison_accuracy"),
     ("lira", {"lam": 0.5}, "params.lam"),
 ])
 def test_bad_params_name_the_field(attack, params, field):
@@ -227,3 +229,18 @@ def test_end_to_end_on_digits(tmp_path, mode):
     if mode == "all-to-one":
         assert not bool((train_set.y[flags] == truth.target).any())  # drawn among the images the ASR counts
     assert int((view.inspected.x[flags].int() - train_set.x[flags].int()).abs().max()) <= int(0.1 * 255)
+
+
+def test_the_attacker_retries_with_fresh_seeds_only_when_its_own_check_fails(tmp_path):
+    short = {"epochs": 2, "batch_size": 128, "augment": False}
+    base = {"epsilon": 0.1, "stage1_epochs": 1, "gen_width": 2}
+    once = run_attack(AttackJob(dataset="digits", attack="wb", params={**base, "min_poison_accuracy": 0.0}, train=short), tmp_path / "a", progress=False)
+    assert once["attempts_made"] == 1 and len(once["poison_accuracy_per_attempt"]) == 1
+    # a faint trigger and a full bar: the first attempt fails its check, so the attacker retries with fresh seeds
+    faint = {"epsilon": 0.004, "stage1_epochs": 6, "gen_width": 2, "min_poison_accuracy": 1.0, "attempts": 3}
+    three = run_attack(AttackJob(dataset="digits", attack="wb", params=faint, train=FAST), tmp_path / "b", progress=False)
+    checks = three["poison_accuracy_per_attempt"]
+    assert checks[0] < 1.0 and three["attempts_made"] == len(checks) >= 2
+    passed = [i for i, c in enumerate(checks) if c >= 1.0]
+    assert passed in ([], [len(checks) - 1]) and (passed or len(checks) == 3)  # stops at the first pass, else makes all three
+    assert len(set(checks)) == len(checks)  # each attempt trained with its own seeds

@@ -75,7 +75,12 @@ class WBParams(PoisonParams):
     does not shrink with the distance and drowns the CE term early on) instead of λ·DSWD;
     ``poison_rate``: the share of each batch that is poisoned (in the generator's step and in
     the classifier's poisoned term); ``residual_weight``: weight of mean|T(x) − x|/ε in the
-    generator's loss (our addition for image quality; 0, the default, is the poster's loss)."""
+    generator's loss (our addition for image quality; 0, the default, is the poster's loss);
+    ``attempts`` / ``min_poison_accuracy``: the attacker's own check (our choice): when the last
+    epoch sent fewer than ``min_poison_accuracy`` of its poisoned *training* images to η(y), the
+    whole joint training is redone with fresh seeds, up to ``attempts`` runs in all (1: no check;
+    the run's metrics name the attempts made). The latent term can leave stage 2 with a trigger the
+    classifier never learns (MNIST-5k seed 1: 5.2% ASR, last-epoch poisoned accuracy 0.19; results §9)."""
 
     poison_rate: float = 0.5
     epsilon: float = 0.05
@@ -89,6 +94,8 @@ class WBParams(PoisonParams):
     lagged: bool = False
     squared: bool = True
     residual_weight: float = 0.0
+    attempts: int = 3
+    min_poison_accuracy: float = 0.9
 
     def validate(self, num_classes: int) -> None:
         super().validate(num_classes)
@@ -97,6 +104,8 @@ class WBParams(PoisonParams):
             check_rate("stage2_epsilon", self.stage2_epsilon)
         check_range("lam", self.lam, 0.0, 1e6)
         check_range("residual_weight", self.residual_weight, 0.0, 1e6)
+        check_int("attempts", self.attempts, 1, 100)
+        check_range("min_poison_accuracy", self.min_poison_accuracy, 0.0, 1.0)
         check_range("alpha", self.alpha, 0.0, 1.0, high_open=True)
         check_range("gen_lr", self.gen_lr, 0.0, 10.0, low_open=True)
         check_int("stage1_epochs", self.stage1_epochs, 1, 100_000)
@@ -231,10 +240,10 @@ class WB(TrainingAttack):
     def check_data(self, data: Dataset) -> None:
         generator_name(self.p.generator, data.spec.shape)
 
-    def make_trigger(self, ctx: AttackContext) -> GeneratorTrigger:
+    def make_trigger(self, ctx: AttackContext, seed: int | None = None) -> GeneratorTrigger:
         shape = ctx.data.spec.shape
         name = generator_name(self.p.generator, shape)
-        torch.manual_seed(derived_seed(ctx.seed, "generator"))  # the attacker's own network: its own seed
+        torch.manual_seed(derived_seed(ctx.seed if seed is None else seed, "generator"))  # the attacker's own network: its own seed
         return GeneratorTrigger.build(name, shape[0], self.p.gen_width, self.p.epsilon).to(ctx.device)
 
     def poison_images(self, x: Tensor, trigger: Trigger | str | Path) -> Tensor:
@@ -248,13 +257,25 @@ class WB(TrainingAttack):
         out = batched(trigger, trigger, x)
         return quantize(x.cpu(), out, eps)
 
+    def _attempt(self, ctx: AttackContext, k: int) -> tuple[nn.Module, GeneratorTrigger, Any]:
+        """One joint training; attempt 0 uses the run's seeds, a retry ``k`` seeds derived from them."""
+        seed = ctx.seed if k == 0 else derived_seed(ctx.seed, f"attempt{k}")
+        trigger = self.make_trigger(ctx, seed)
+        model, cfg = self.victim(ctx, seed=seed)
+        hooks = LatentHooks(self, trigger, ctx.data.spec.num_classes)
+        name = "victim" if k == 0 else f"victim-{k}"
+        hist = train(model, ctx.data.train, ctx.data.spec, cfg, seed=seed, device=ctx.device, hooks=hooks, progress=ctx.progress,
+                     checkpoint=ctx.checkpoint(name), desc=f"{self.name} {name}")
+        return model, trigger, hist
+
     def run(self, ctx: AttackContext) -> AttackResult:
-        trigger = self.make_trigger(ctx)
-        model, cfg = self.victim(ctx)
         nc = ctx.data.spec.num_classes
-        hooks = LatentHooks(self, trigger, nc)
-        hist = train(model, ctx.data.train, ctx.data.spec, cfg, seed=ctx.seed, device=ctx.device, hooks=hooks, progress=ctx.progress,
-                     checkpoint=ctx.checkpoint("victim"), desc=f"{self.name} victim")
+        checks: list[float] = []
+        for k in range(self.p.attempts):
+            model, trigger, hist = self._attempt(ctx, k)
+            checks.append(float(hist.epochs[-1]["poison_accuracy"]) if hist.epochs else 0.0)
+            if checks[-1] >= self.p.min_poison_accuracy:
+                break
         trigger.eps.fill_(self.p.final_epsilon)
         trigger.requires_grad_(False).eval()
         test = ctx.data.test
@@ -262,6 +283,8 @@ class WB(TrainingAttack):
         metrics: dict[str, Any] = {
             "generator": trigger.name,
             "epsilon_delivered": self.p.final_epsilon,
+            "attempts_made": len(checks),
+            "poison_accuracy_per_attempt": checks,
             "stage1_epochs_run": sum(1 for e in hist.epochs if e["stage"] == 1),
             "stage2_epochs_run": sum(1 for e in hist.epochs if e["stage"] == 2),
             "per_class_attack_success_rate": per_class_attack_success_rate(model, poisoned, test.y, self.p.target_mode, self.p.target, nc),
