@@ -243,16 +243,11 @@ class PoisoningAttack(Attack):
         """Which training samples to poison (random by default)."""
         return choose_random(ctx.data.train.y, self.p, ctx.seed)
 
-    def deliver(self, trigger: Trigger, x: Tensor) -> Tensor:
-        """The 8-bit poisoned images the attacker hands over for uint8 images ``x`` (default: the
-        trigger's output rounded to the nearest level; a learned trigger may round inside its ε)."""
-        return to_uint8(trigger(to_float(x)))
-
     def poison(self, ctx: AttackContext, trigger: Trigger, idx: Tensor) -> ImageSet:
         train = ctx.data.train
         x, y = train.x.clone(), train.y.clone()
         i = idx.to(x.device)
-        x[i] = self.deliver(trigger, x[i])
+        x[i] = trigger.deliver(x[i])
         y[i] = self.labels(y[i], ctx.data.spec.num_classes)
         return ImageSet(x, y)
 
@@ -263,7 +258,7 @@ class PoisoningAttack(Attack):
         model, cfg = self.victim(ctx)
         train(model, poisoned, ctx.data.spec, cfg, seed=ctx.seed, device=ctx.device, progress=ctx.progress, checkpoint=ctx.checkpoint("victim"), desc=f"{self.name} victim")
         test = ctx.data.test
-        return AttackResult(model, self.deliver(trigger, test.x), test.y, trigger, {"poison_indices": idx})
+        return AttackResult(model, trigger.deliver(test.x), test.y, trigger, {"poison_indices": idx})
 
 
 class TrainingAttack(Attack):

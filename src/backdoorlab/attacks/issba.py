@@ -50,7 +50,7 @@ from ..optim.pgd import quantize
 from ..train.evaluate import batched
 from ..validate import check_choice, check_int, check_range
 from .base import ATTACKS, AttackContext, AttackResult, PoisoningAttack, PoisonParams, derived_seed
-from .triggers import TRIGGERS, GeneratorTrigger, Trigger
+from .triggers import TRIGGERS, GeneratorTrigger
 from .universal import check_budget
 
 
@@ -231,12 +231,6 @@ class ISSBA(PoisoningAttack):
             "secret_bit_accuracy_test": bit_accuracy(encoder, decoder, test, encoder.secret.cpu()),  # ... the attacker's secret
         }
         return encoder
-
-    def deliver(self, trigger: Trigger, x: Tensor) -> Tensor:
-        """Rounded to 8 bits inside the ε ball of the encoder (``quantize``)."""
-        with torch.no_grad():
-            out = batched(trigger, trigger, x)
-        return quantize(x.cpu(), out, float(trigger.eps)).to(x.device)  # type: ignore[arg-type]
 
     def run(self, ctx: AttackContext) -> AttackResult:
         res = super().run(ctx)

@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.core import to_float, to_uint8
 from ..models.generators import GENERATORS
+from ..optim.pgd import quantize
 from ..registry import Registry
+from ..train.evaluate import batched
 
 TRIGGERS: Registry[type["Trigger"]] = Registry("trigger")
 
@@ -27,6 +30,11 @@ class Trigger(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.apply(x)
+
+    def deliver(self, x: Tensor) -> Tensor:
+        """The 8-bit images an attacker hands over for images ``x`` (uint8, or float in [0, 1]): the
+        trigger's output rounded to the nearest level, on ``x``'s device."""
+        return to_uint8(self(to_float(x)))
 
     def tensors(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}
@@ -124,6 +132,13 @@ class GeneratorTrigger(Trigger):
 
     def apply(self, x: Tensor) -> Tensor:
         return (x + self.residual(x)).clamp(0, 1)
+
+    def deliver(self, x: Tensor) -> Tensor:
+        """Batched in eval mode, then rounded to 8 bits *inside* the ε ball (rounding alone can
+        overshoot it by half a level: ``quantize``), on ``x``'s device."""
+        with torch.no_grad():
+            out = batched(self, self, x)
+        return quantize(x.cpu(), out, float(self.eps)).to(x.device)
 
     @staticmethod
     def build(name: str, channels: int, width: int | None, eps: float) -> "GeneratorTrigger":

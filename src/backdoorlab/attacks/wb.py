@@ -37,11 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.core import Dataset, to_float
+from ..data.core import Dataset
 from ..errors import ConfigError
 from ..models.generators import GENERATORS, generator_name
-from ..optim.pgd import quantize
-from ..train.evaluate import batched, features, per_class_attack_success_rate
+from ..train.evaluate import features, per_class_attack_success_rate
 from ..train.trainer import Forward, TrainHooks, train
 from ..validate import check_choice, check_int, check_range, check_rate
 from .base import ATTACKS, AttackContext, AttackResult, PoisonParams, TrainingAttack, derived_seed
@@ -252,10 +251,7 @@ class WB(TrainingAttack):
         the folder of a finished wb/lira run (its ``tensors.safetensors``)."""
         if not isinstance(trigger, Trigger):
             trigger = load_trigger(Path(trigger))
-        trigger.eval()
-        eps = float(getattr(trigger, "eps", self.p.final_epsilon))
-        out = batched(trigger, trigger, x)
-        return quantize(x.cpu(), out, eps)
+        return trigger.deliver(x.cpu())
 
     def _attempt(self, ctx: AttackContext, k: int) -> tuple[nn.Module, GeneratorTrigger, Any]:
         """One joint training; attempt 0 uses the run's seeds, a retry ``k`` seeds derived from them."""

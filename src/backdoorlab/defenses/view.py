@@ -38,11 +38,10 @@ from torch import Tensor, nn
 from ..artifacts import load_model
 from ..attacks.triggers import Trigger
 from ..data import load_dataset
-from ..data.core import Dataset, DatasetSpec, ImageSet, to_float, to_uint8
+from ..data.core import Dataset, DatasetSpec, ImageSet, to_uint8
 from ..data.subset import stratified_indices
 from ..errors import ConfigError, ModelFileError
 from ..models import Classifier, arch_for, build_model
-from ..optim.pgd import quantize
 from ..train.evaluate import accuracy, asr_mask, attack_success_rate, predict, target_labels
 from ..validate import build_params, check_choice
 
@@ -179,11 +178,7 @@ def delivered_training_set(data: Dataset, cfg: dict, trigger: Trigger | None, po
         return attack.poison(actx, trigger.cpu(), idx)
     params = cfg["params"]
     x, y = data.train.x.clone(), data.train.y.clone()
-    trigger = trigger.cpu()
-    with torch.no_grad():
-        out = torch.cat([trigger(to_float(x[idx[s : s + 1024]])) for s in range(0, len(idx), 1024)])
-    eps = getattr(trigger, "eps", None)  # an L∞-bounded trigger: rounded inside its ball, as its attack delivers
-    x[idx] = quantize(x[idx], out, float(eps)) if eps is not None else to_uint8(out)
+    x[idx] = trigger.cpu().deliver(x[idx])
     y[idx] = target_labels(y[idx], params.get("target_mode", "all-to-one"), int(params.get("target", data.spec.default_target)), data.spec.num_classes)
     return ImageSet(x, y)
 
@@ -224,14 +219,8 @@ def load_case(
     if "poisoned_test" in tensors:
         px = to_uint8(tensors["poisoned_test"])
         pidx = tensors.get("poisoned_test_index", torch.arange(len(px))).long()
-    elif trigger is not None:
-        eps = getattr(trigger, "eps", None)  # an L∞-bounded trigger: rounded inside its ball, as its attack delivers
-
-        def deliver(x: Tensor) -> Tensor:
-            out = trigger(to_float(x).to(device)).cpu()
-            return quantize(x.cpu(), out, float(eps)) if eps is not None else to_uint8(out)
-
-        px = torch.cat([deliver(test.x[s : s + 1024]) for s in range(0, len(test), 1024)])
+    elif trigger is not None:  # delivered as its attack delivers them (an L∞-bounded trigger rounds inside its ball)
+        px = torch.cat([trigger.deliver(test.x[s : s + 1024].to(device)).cpu() for s in range(0, len(test), 1024)])
         pidx = torch.arange(len(test))
     else:
         raise ConfigError("run", f"{path} holds neither a trigger nor poisoned_test images in tensors.safetensors")
