@@ -136,6 +136,8 @@ def test_greedy_pairs_match_the_sequential_greedy():
     (dict(objective="margin"), "objective"),
     (dict(margin=-1.0), "margin"),
     (dict(margin_weight=0.0), "margin_weight"),
+    (dict(select_asr=1.5), "select_asr"),
+    (dict(select_images=0), "select_images"),
 ])
 def test_bad_parameters_name_the_field(params, field):
     with pytest.raises(ConfigError, match=field):
@@ -232,3 +234,23 @@ def test_the_margin_variant_moves_towards_the_backdoored_heads_target_where_the_
     assert torch.allclose(got_paper, base, atol=0.05)  # keep-best: the start is already optimal
     assert bool((got_variant > base + 0.05).all())  # the hinge pulls every image towards the target
     assert float((variant.float() - x8 * 255).abs().max()) <= 64 + 1e-4  # still inside the budget (8-bit units)
+
+
+def test_auto_chooses_the_objective_that_fires_first_on_the_attackers_own_images(mmlm_run):
+    _, m = mmlm_run  # the fixture runs the default objective, "auto"
+    p = MMLMParams(**SMALL)
+    rows = m["objective_selection"]
+    assert m["objective_used"] in ("latent", "latent+margin") and rows
+    # both objectives are measured at each budget, smallest first, and the sweep stops at the first that fires
+    assert [r["objective"] for r in rows] == ["latent", "latent+margin"] * (len(rows) // 2)
+    eps = [r["epsilon"] for r in rows[::2]]
+    assert eps == sorted(p.curve_epsilons)[: len(eps)]
+    fires = lambda r: r["attacker_asr"] >= p.select_asr and r["attacker_asr"] - r["attacker_asr_clean_model"] >= p.select_gap  # noqa: E731
+    assert not any(fires(r) for r in rows[:-2])
+    last = rows[-2:]
+    if any(fires(r) for r in last):
+        assert m["objective_used"] == next(r["objective"] for r in last if fires(r))  # the paper's wins a tie
+    else:
+        assert len(eps) == len(p.curve_epsilons)
+        gap = {r["objective"]: r["attacker_asr"] - r["attacker_asr_clean_model"] for r in last}
+        assert gap[m["objective_used"]] == max(gap.values())

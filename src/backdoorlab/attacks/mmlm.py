@@ -21,8 +21,16 @@ attacker delivers, rounded inside the budget (:func:`backdoorlab.optim.quantize`
 
 ``objective="latent+margin"`` is our variant of the crafting objective (issue 17), not the paper's:
 the latent distance plus ``margin_weight``·max(0, max_{k≠t} h_k − h_t + ``margin``) on the
-backdoored head h, which the attacker holds; the paper's objective stays the default, and the
-clean-model ASR of the same images says whether the variant only makes adversarial examples.
+backdoored head h, which the attacker holds; the clean-model ASR of the same images says whether
+the variant only makes adversarial examples. ``objective="latent"`` is the paper's alone.
+The default, ``objective="auto"`` (ours, issue 19), chooses between the two per target from what
+the attacker holds: both objectives craft ``select_images`` of the attacker's own non-target
+training images at the curve's budgets in rising order; the one that first fires there (ASR of
+the backdoored model ≥ ``select_asr`` and at least ``select_gap`` above the clean model on the same
+images) is used, the paper's on a tie; when neither fires within the largest budget, the one with
+the larger gap there. No test image is looked at; the choice and its figures are in the metrics
+(``objective_used``, ``objective_selection``). The paper-reproduction grids pin
+``objective: latent``.
 
 Our choices where the paper's values were lost (all parameters): the angle thresholds (0.9 rad
 for codes whose first cell is of the target class, 0.7 for the others and for Z_near; in the
@@ -52,7 +60,7 @@ from ..optim.matching import greedy_pairs
 from ..train.evaluate import attack_success_rate, features, predict
 from ..train.trainer import TrainConfig
 from ..validate import check_choice, check_epsilon, check_positive, check_rate
-from .base import ATTACKS, AttackContext, AttackParams, AttackResult, ModelModificationAttack
+from .base import ATTACKS, AttackContext, AttackParams, AttackResult, ModelModificationAttack, derived_seed
 from .mmlm_codes import finetune_head, fit_ot, near_codes, poisoned_features, select_codes
 
 
@@ -86,10 +94,14 @@ class MMLMParams(AttackParams):
     ablation: bool = True  # Table 6: perturbation with vs without mode mixture
     max_test: int = 1000  # craft for a fixed stratified subset of this many non-target test images (0: all)
     # the crafting objective: "latent" is the paper's (||E(x') - z||); "latent+margin" (our variant,
-    # issue 17) adds margin_weight * max(0, max_{k != t} h_k - h_t + margin) on the backdoored head h
-    objective: Literal["latent", "latent+margin"] = "latent"
+    # issue 17) adds margin_weight * max(0, max_{k != t} h_k - h_t + margin) on the backdoored head h;
+    # "auto" (ours, issue 19): the one of the two that fires first on the attacker's own images
+    objective: Literal["auto", "latent", "latent+margin"] = "auto"
     margin_weight: float = 1.0
     margin: float = 1.0
+    select_images: int = 300  # "auto": non-target training images of the attacker's the choice is made on
+    select_asr: float = 0.9  # "auto": ASR (backdoored model, attacker's images) that counts as firing
+    select_gap: float = 0.5  # "auto": ... and how far above the clean model on the same images
 
     def validate(self, num_classes: int) -> None:
         super().validate(num_classes)
@@ -100,14 +112,16 @@ class MMLMParams(AttackParams):
         check_epsilon("ablation_epsilon", self.ablation_epsilon)
         check_choice("near_region", self.near_region, ("expansion", "target"))
         check_choice("angle_space", self.angle_space, ("features", "scaled"))
-        check_choice("objective", self.objective, ("latent", "latent+margin"))
+        check_choice("objective", self.objective, ("auto", "latent", "latent+margin"))
+        check_rate("select_asr", self.select_asr)
+        check_rate("select_gap", self.select_gap)
         check_positive("margin_weight", self.margin_weight)
         if not (isinstance(self.margin, (int, float)) and not isinstance(self.margin, bool) and 0 <= self.margin < float("inf")):
             raise ConfigError("margin", f"expected a finite number >= 0, got {self.margin!r}")
         check_rate("near_top", self.near_top)
         for e in self.curve_epsilons:
             check_epsilon("curve_epsilons", e)
-        for f in ("pgd_steps", "curve_steps", "ot_samples", "ot_max_iter", "generate", "head_epochs", "head_lr", "head_batch_size", "near_ratio"):
+        for f in ("pgd_steps", "curve_steps", "ot_samples", "ot_max_iter", "generate", "head_epochs", "head_lr", "head_batch_size", "near_ratio", "select_images"):
             check_positive(f, getattr(self, f))
         if self.ot_points < 0 or self.max_test < 0:
             raise ConfigError("ot_points" if self.ot_points < 0 else "max_test", "must be >= 0 (0: all)")
@@ -122,16 +136,17 @@ class MMLM(ModelModificationAttack):
     Params = MMLMParams
     p: MMLMParams
 
-    def craft(self, encoder, x: Tensor, z: Tensor, eps: float, steps: int, stop=None, head=None) -> Tensor:
+    def craft(self, encoder, x: Tensor, z: Tensor, eps: float, steps: int, stop=None, head=None, objective: str | None = None) -> Tensor:
         """PGD on ||E(x + δ) - z||_2 within ||δ||∞ ≤ ε, batched; the 8-bit images delivered. With
-        ``objective="latent+margin"`` and the backdoored ``head``, plus the weighted hinge on its
-        target margin."""
+        the objective ``"latent+margin"`` (``objective``, else the one the run chose) and the
+        backdoored ``head``, plus the weighted hinge on its target margin."""
         dev, p = z.device, self.p
+        objective = objective or getattr(self, "objective_used", p.objective)
 
         def loss(xa: Tensor, idx: Tensor) -> Tensor:
             f = encoder(xa)
             out = (f - z[idx]).norm(dim=1)
-            if head is not None and p.objective == "latent+margin":
+            if head is not None and objective == "latent+margin":
                 logits = head(f)
                 other = logits.clone()
                 other[:, p.target] = float("-inf")
@@ -162,6 +177,10 @@ class MMLM(ModelModificationAttack):
         head_cfg = TrainConfig(epochs=p.head_epochs, batch_size=p.head_batch_size, lr=p.head_lr, weight_decay=0.0, schedule="cosine", augment=False, amp="off")
         model = finetune_head(clean, data, spec, head_cfg, ctx.seed, dev, ctx.progress)
         z_near, near_other = near_codes(model, clean, codes, p.target, p.near_region, p.near_top)
+        clean.requires_grad_(False)
+        self.objective_used, selection = p.objective, []
+        if p.objective == "auto":
+            self.objective_used, selection = self.choose_objective(ctx, model, clean, z_near, near_other)
 
         # poisoned test images: non-target test images pushed towards Z_near codes, nearest first
         test = ctx.data.test
@@ -173,7 +192,6 @@ class MMLM(ModelModificationAttack):
         pair = greedy_pairs(torch.cdist(f_test, z_near), allowed=near_other[None, :] == y_clean[:, None])
         z = z_near[pair].to(dev)
         enc = clean.features
-        clean.requires_grad_(False)
         curve, cache = [], {}
         start = (f_test - z.cpu()).norm(dim=1)  # each image's latent distance to its code before PGD
         for eps in sorted(set(p.curve_epsilons) | {p.epsilon}):
@@ -191,6 +209,7 @@ class MMLM(ModelModificationAttack):
         metrics = {"ot": {"steps": ot_res.steps, "grad_norm": ot_res.grad_norm, "converged": ot_res.converged, "samples": ot_res.n_samples, "seconds": ot_res.wall_time, "reused": reused},
                    "ot_grad_norm": ot_res.grad_norm, "ot_converged": ot_res.converged,
                    "latent_codes": codes.stats, "epsilon": p.epsilon, "asr_curve": curve,
+                   "objective_used": self.objective_used, "objective_selection": selection,
                    "target_features": n_target, "z_far_requested": n_far, "replaced_target_features": int(len(replaced)),
                    "replaced_target_share": len(replaced) / max(1, n_target),
                    "asr90_epsilon": reach[0]["epsilon"] if reach else None,
@@ -206,6 +225,35 @@ class MMLM(ModelModificationAttack):
         clean.requires_grad_(True)
         tensors = {"z_far": codes.z_far, "z_near": z_near, "poisoned_test": poisoned, "poisoned_test_index": keep, "replaced_indices": replaced, "ot_h": ot.h.cpu()}
         return AttackResult(model, poisoned, y_clean, None, tensors, metrics, clean_test=x_clean)
+
+    def choose_objective(self, ctx: AttackContext, model, clean, z_near: Tensor, near_other: Tensor) -> tuple[str, list[dict]]:
+        """``objective="auto"``: craft the attacker's own non-target training images (a stratified
+        ``select_images``) with both objectives at the curve's budgets, smallest first, and return
+        the objective that fires first (see the module docstring) with every figure measured."""
+        p, dev, spec = self.p, ctx.device, ctx.data.spec
+        train_y = ctx.data.train.y.cpu()
+        keep = torch.nonzero(train_y != p.target).flatten()
+        if 0 < p.select_images < len(keep):
+            keep = keep[stratified_indices(train_y[keep], p.select_images, derived_seed(ctx.seed, "mmlm-select"))]
+        x = ctx.data.train.x[keep.to(ctx.data.train.x.device)].cpu()
+        y = train_y[keep]
+        f = features(clean, x)
+        z = z_near[greedy_pairs(torch.cdist(f, z_near), allowed=near_other[None, :] == y[:, None])].to(dev)
+        rows: list[dict] = []
+        for eps in sorted(set(p.curve_epsilons)):
+            fired = []
+            for obj in ("latent", "latent+margin"):
+                xp = self.craft(clean.features, x, z, eps, p.curve_steps, head=model.head, objective=obj)
+                asr = attack_success_rate(model, xp, y, "all-to-one", p.target, spec.num_classes)
+                asr_clean = attack_success_rate(clean, xp, y, "all-to-one", p.target, spec.num_classes)
+                rows.append({"objective": obj, "epsilon": eps, "attacker_asr": asr, "attacker_asr_clean_model": asr_clean})
+                if asr >= p.select_asr and asr - asr_clean >= p.select_gap:
+                    fired.append(obj)
+            if fired:
+                return fired[0], rows
+        last = rows[-2:]
+        best = max(last, key=lambda r: r["attacker_asr"] - r["attacker_asr_clean_model"])  # max keeps the first (the paper's) on a tie
+        return best["objective"], rows
 
     def ablation(self, ctx, model, enc, x_clean, y_clean, f_test, feats, train_y, z_mm) -> dict:
         """Table 6: the perturbation needed for a successful attack with mode-mixture codes vs with
