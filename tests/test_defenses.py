@@ -275,26 +275,26 @@ def test_cli_defend_writes_metrics_config_and_plot(bn, tmp_path, capsys):
 ])
 def test_bad_config_names_the_field(bn, kwargs, field):
     with pytest.raises(ConfigError) as e:
-        DefenseJob("strip", str(bn), **kwargs).build()
+        DefenseDefenseJob("strip", str(bn), **kwargs).build()
     assert e.value.field == field
 
 
 def test_unknown_defense_and_missing_run(bn, tmp_path, capsys):
     with pytest.raises(UnknownNameError, match="strip"):
-        DefenseJob("no-such-defense", str(bn)).build()
+        DefenseDefenseJob("no-such-defense", str(bn)).build()
     with pytest.raises(ConfigError) as e:
-        DefenseJob("strip", str(tmp_path / "nowhere")).build()
+        DefenseDefenseJob("strip", str(tmp_path / "nowhere")).build()
     assert e.value.field == "run"
     half = tmp_path / "unfinished"
     half.mkdir()
     (half / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a finished attack run"):
-        DefenseJob("strip", str(half)).build()
+        DefenseDefenseJob("strip", str(half)).build()
     no_clean = tmp_path / "no-clean"
     shutil.copytree(bn, no_clean)
     (no_clean / "clean_model.safetensors").unlink()
     with pytest.raises(ConfigError) as e:
-        DefenseJob("neural-cleanse", str(no_clean), model="clean").build()
+        DefenseDefenseJob("neural-cleanse", str(no_clean), model="clean").build()
     assert e.value.field == "model"
     assert main(["defend", "no-such-defense", "--run", str(bn), "--out", str(tmp_path / "x")]) == 2
     assert "unknown defense" in capsys.readouterr().err
@@ -340,3 +340,24 @@ def test_defense_benchmark_gives_grid_cells_with_one_folder_name_distinct_output
     assert len(set(mod.run_labels([Path("/t/a"), Path("/t/a")]))) == 2
 
 
+
+
+def test_a_model_inspection_decision_is_made_once_per_model_and_reused(bn, tmp_path):
+    """Two runs holding the same model (a grid's two MMLM entries) get Neural Cleanse's decision
+    computed once: the second restores it, figures included; another seed or a data-level defense
+    is never served from that cache."""
+    cache = tmp_path / "cache"
+    twin = tmp_path / "twin-run"
+    shutil.copytree(bn, twin)  # another run folder, the same model bit for bit
+    nc = {"max_images": 48, "max_epochs": 3}
+    first = run_defense(DefenseJob("neural-cleanse", str(bn), params=nc, cache_dir=str(cache)), tmp_path / "a", progress=False)
+    second = run_defense(DefenseJob("neural-cleanse", str(twin), params=nc, cache_dir=str(cache)), tmp_path / "b", progress=False)
+    assert first["decision_reused"] is False and second["decision_reused"] is True
+    assert json.loads((tmp_path / "a/decision.json").read_text()) == json.loads((tmp_path / "b/decision.json").read_text())
+    for k in ("anomaly_index", "l1", "flagged_labels", "target_anomaly_index"):
+        assert first[k] == second[k]
+    assert (tmp_path / "b" / second["plot"]).stat().st_size > 0
+    other = run_defense(DefenseJob("neural-cleanse", str(twin), params=nc, cache_dir=str(cache), seed=1), tmp_path / "c", progress=False)
+    assert other["decision_reused"] is False
+    ss = run_defense(DefenseJob("spectral-signatures", str(bn), cache_dir=str(cache)), tmp_path / "d", progress=False)
+    assert "decision_reused" not in ss and len(list(cache.glob("decision-*"))) == 2

@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..metrics.ranking import auroc
 from ..registry import Registry
 from ..validate import build_params, check_apart, check_device, check_int, check_range, check_rate  # noqa: F401  (check_int: the defenses' import)
+from .memo import memo_dir, restore, store
 from .view import DefenderView, GroundTruth, check_run, load_case
 
 DEFENSES: Registry[type["Defense"]] = Registry("defense")
@@ -231,11 +232,17 @@ def run_defense(job: DefenseJob, out: str | Path, progress: bool = True, force: 
         truth = truth_hook(truth)
     rd.prepare(job.config(), force=force)
     torch.manual_seed(job.seed)
-    decision = defense.decide(view)
+    memo = memo_dir(defense, view, job.defense)  # model-inspection defenses: one decision per model
+    decision = restore(memo, rd) if memo is not None else None
+    reused = decision is not None
+    if decision is None:
+        decision = defense.decide(view)
     scalars, tensors = split_decision(decision)
     rd.write_json("decision.json", scalars)
     if tensors:
         rd.save_tensors("decision.safetensors", tensors)
+    if memo is not None and not reused:
+        store(memo, rd, decision, set(scalars) | set(tensors))
     attack_cfg = RunDir(job.run).read_config()
     metrics: dict[str, Any] = {
         "defense": job.defense,
@@ -256,6 +263,8 @@ def run_defense(job: DefenseJob, out: str | Path, progress: bool = True, force: 
     }
     metrics.update(scalars)
     metrics.update(defense.score(view, decision, truth))
+    if memo is not None:
+        metrics["decision_reused"] = reused  # the same model, data and settings were decided on by an earlier run
     metrics["seconds"] = time.perf_counter() - t0
     metrics["device"] = str(device)
     rd.write_metrics(metrics)
