@@ -25,6 +25,16 @@ def _show(ax, img: Tensor) -> None:
     ax.set_yticks([])
 
 
+def _save(fig, path: str | Path, legend_ax=None) -> Path:
+    """Every figure ends the same way: the legend (when its axes are given), a tight layout, a PNG."""
+    if legend_ax is not None:
+        legend_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def image_grid(rows: Sequence[Tensor], row_titles: Sequence[str], path: str | Path, n: int = 8, title: str = "") -> Path:
     """One row per tensor of images (N, C, H, W): e.g. clean, poisoned, amplified difference."""
     n = min(n, *(len(r) for r in rows))
@@ -35,10 +45,7 @@ def image_grid(rows: Sequence[Tensor], row_titles: Sequence[str], path: str | Pa
         axes[r][0].set_ylabel(name, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def clean_poison_grid(clean: Tensor, poisoned: Tensor, path: str | Path, n: int = 8, title: str = "") -> Path:
@@ -57,11 +64,7 @@ def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: str
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, ax)
 
 
 def histograms(groups: dict[str, Tensor], path: str | Path, xlabel: str, title: str = "", bins: int = 40) -> Path:
@@ -75,11 +78,7 @@ def histograms(groups: dict[str, Tensor], path: str | Path, xlabel: str, title: 
     ax.set_ylabel("density")
     if title:
         ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, ax)
 
 
 def scatter(points: dict[str, Tensor], path: str | Path, title: str = "", curve: tuple[Sequence[float], Sequence[float]] | None = None,
@@ -100,8 +99,4 @@ def scatter(points: dict[str, Tensor], path: str | Path, title: str = "", curve:
         ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, ax)
