@@ -105,6 +105,7 @@ def test_dswd_of_a_shift_along_one_row_direction():
     ("wb", {"generator": "vae"}, "params.generator"),
     ("wb", {"stage1_epochs": 0}, "params.stage1_epochs"),
     ("wb", {"residual_weight": -0.1}, "params.residual_weight"),
+    ("wb", {"ssim_weight": -1}, "params.ssim_weight"),
     ("wb", {"attempts": 0}, "params.attempts"),
     ("wb", {"min_poison_accuracy": 1.5}, "params.min_poison_accuracy"),
     ("lira", {"lam": 0.5}, "params.lam"),
@@ -142,8 +143,8 @@ class Crash(LatentHooks):
         return super().loss(*a, **k)
 
 
-def _setup(digits, hooks_cls=LatentHooks, residual_weight=0.0, **kw):
-    attack = WB(WBParams(epsilon=0.1, stage1_epochs=2, poison_rate=0.5, gen_width=2, residual_weight=residual_weight))
+def _setup(digits, hooks_cls=LatentHooks, residual_weight=0.0, ssim_weight=0.0, **kw):
+    attack = WB(WBParams(epsilon=0.1, stage1_epochs=2, poison_rate=0.5, gen_width=2, residual_weight=residual_weight, ssim_weight=ssim_weight))
     torch.manual_seed(5)
     trig = GeneratorTrigger.build("conv-ae", 1, 2, 0.1)
     torch.manual_seed(6)
@@ -181,6 +182,25 @@ def test_the_residual_term_shrinks_the_trigger(digits):
         with torch.no_grad():
             sizes[w] = float((hooks.trigger.eval()(x) - x).abs().mean())
     assert sizes[1.0] < 0.5 * sizes[0.0]  # the same run and seeds: only the generator's loss differs
+
+
+def test_the_ssim_term_raises_the_ssim_of_the_poisoned_images(digits):
+    from backdoorlab.metrics.images import ssim, ssim_per_image
+
+    x = digits.test.x[:200].float() / 255
+    y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)
+    per = ssim_per_image(x, y)
+    per.mean().backward()  # the loss and the metric are one function, differentiable
+    assert y.grad is not None and float(y.grad.abs().sum()) > 0
+    assert float(per.mean()) == pytest.approx(ssim(x, y.detach()), abs=1e-6) and ssim(x, x) == pytest.approx(1.0)
+    cfg = TrainConfig(epochs=2, batch_size=128, lr=0.05, augment=False)
+    got = {}
+    for w in (0.0, 10.0):
+        model, hooks = _setup(digits, ssim_weight=w)
+        train(model, digits.train, digits.spec, cfg, seed=3, progress=False, hooks=hooks)
+        with torch.no_grad():
+            got[w] = ssim(x, hooks.trigger.eval()(x))
+    assert 1 - got[10.0] < 0.5 * (1 - got[0.0])  # the same run and seeds: only the generator's loss differs
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -33,18 +33,23 @@ def _gauss(size: int = 11, sigma: float = 1.5) -> Tensor:
     return g[:, None] * g[None, :]
 
 
-def ssim(clean: Tensor, poisoned: Tensor, size: int = 11, sigma: float = 1.5) -> float:
-    """Mean SSIM (Wang et al. 2004, Gaussian window, per channel, valid region)."""
-    x, y = to_float(clean).cpu().float(), to_float(poisoned).cpu().float()
+def ssim_per_image(x: Tensor, y: Tensor, size: int = 11, sigma: float = 1.5) -> Tensor:
+    """Mean SSIM per image (Wang et al. 2004, Gaussian window, per channel, valid region) of float
+    batches in [0, 1], on their device and differentiable: the metric and a training loss share it."""
     c = x.shape[1]
     size = min(size, x.shape[-1], x.shape[-2])
-    w = _gauss(size, sigma)[None, None].repeat(c, 1, 1, 1)
+    w = _gauss(size, sigma).to(x.device, x.dtype)[None, None].repeat(c, 1, 1, 1)
     conv = lambda t: F.conv2d(t, w, groups=c)  # noqa: E731
     mx, my = conv(x), conv(y)
     sxx, syy, sxy = conv(x * x) - mx**2, conv(y * y) - my**2, conv(x * y) - mx * my
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return float(s.flatten(1).mean(1).mean())
+    return s.flatten(1).mean(1)
+
+
+def ssim(clean: Tensor, poisoned: Tensor, size: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM over the batch (:func:`ssim_per_image`)."""
+    return float(ssim_per_image(to_float(clean).cpu().float(), to_float(poisoned).cpu().float(), size, sigma).mean())
 
 
 def image_quality(clean: Tensor, poisoned: Tensor) -> dict[str, float]:
