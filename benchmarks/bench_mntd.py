@@ -1,13 +1,16 @@
 """Benchmark: MNTD's AUROC between clean and BadNets suspect models of one architecture, and its costs.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_mntd.py --run RUN --out OUT \\
-        [--suspects 6] [--epochs 3] [--cache-dir DIR] [-p KEY=VALUE ...] [--seed 0] [--threads 1]
+        [--suspects 6] [--epochs 3] [--suspect-data train|heldout|train-subset] [--heldout-fraction 0.2] \\
+        [--cache-dir DIR] [-p KEY=VALUE ...] [--seed 0] [--threads 1]
 
 MNTD is fitted on RUN's defender view (the defender's clean held-out data, the run's architecture;
 the shadow set cached in --cache-dir, default OUT/cache). Then --suspects clean and --suspects
 backdoored suspect models of the same architecture are trained on the run's clean training set
 with the dataset's recipe for --epochs epochs (``--suspect-data heldout``: on the defender's held-out
-data, as the shadows are): the backdoored ones with RUN's own trigger, target
+data, as the shadows are; ``--suspect-data train-subset``: on a stratified subset of the run's
+training set as large as the defender's held-out data, i.e. the shadows' recipe on other images;
+``--heldout-fraction``: the defender's share of the test split): the backdoored ones with RUN's own trigger, target
 and poison rate (BadNets: the attacker's patch), seeds apart from the shadows'. Neither kind is
 ever seen by the meta-classifier. Reported (OUT/mntd.json, OUT/mntd_scores.png): the suspects'
 clean accuracy and ASR, their meta scores, the AUROC (BadNets = positive), the score of RUN's own
@@ -28,6 +31,7 @@ from backdoorlab.attacks.triggers import MaskPatternTrigger
 from backdoorlab.artifacts import RunDir, dump_json
 from backdoorlab.cli import parse_pairs
 from backdoorlab.data import load_dataset
+from backdoorlab.data.subset import stratified_indices
 from backdoorlab.defenses.mntd import MNTD, MNTDParams, meta_scores, train_models
 from backdoorlab.defenses.view import load_case
 from backdoorlab.metrics.ranking import auroc
@@ -36,8 +40,9 @@ from backdoorlab.plots import histograms
 from backdoorlab.validate import build_params
 
 
-def study(run: Path, out: Path, suspects: int = 6, epochs: int = 3, params: dict | None = None, cache_dir: Path | None = None, seed: int = 0, suspect_data: str = "train") -> dict:
-    view, truth = load_case(run, seed=seed)
+def study(run: Path, out: Path, suspects: int = 6, epochs: int = 3, params: dict | None = None, cache_dir: Path | None = None, seed: int = 0, suspect_data: str = "train",
+          heldout_fraction: float = 0.2) -> dict:
+    view, truth = load_case(run, heldout_fraction=heldout_fraction, seed=seed)
     view.cache_dir = cache_dir or out / "cache"
     defense = MNTD(build_params(MNTDParams, dict(params or {})))
     defense.validate()
@@ -53,7 +58,9 @@ def study(run: Path, out: Path, suspects: int = 6, epochs: int = 3, params: dict
     stacked = MaskPatternTrigger(trig.mask.cpu().expand(n, 1, *trig.mask.shape), trig.pattern.cpu().expand(n, 1, *trig.pattern.shape))
     rates = torch.tensor([0.0] * suspects + [float(cfg["params"].get("poison_rate", 0.1))] * suspects)
     t1 = time.perf_counter()
-    train_set = data.train if suspect_data == "train" else view.heldout
+    train_set = {"train": data.train, "heldout": view.heldout}.get(suspect_data)
+    if train_set is None:  # train-subset: the shadows' data size, images the defender never holds
+        train_set = data.train.subset(stratified_indices(data.train.y, len(view.heldout), 20_000 + seed))
     state = train_models(arch, train_set, data.spec, epochs, defense.p.shadow_batch, stacked, torch.full((n,), truth.target), rates, 10_000 + seed, view.device, desc="suspects")
     t_suspects = time.perf_counter() - t1
     models = []
@@ -66,7 +73,7 @@ def study(run: Path, out: Path, suspects: int = 6, epochs: int = 3, params: dict
     t_score = time.perf_counter() - t2
     run_models = meta_scores(meta, arch, [view.model, RunDir(run).load_model("clean_model.safetensors", view.device)])
     result = {
-        "run": str(run), "suspect_data": suspect_data, "suspects_per_kind": suspects, "suspect_epochs": epochs, "params": vars(defense.p), "seed": seed,
+        "run": str(run), "suspect_data": suspect_data, "suspect_train_size": len(train_set), "heldout_size": len(view.heldout), "suspects_per_kind": suspects, "suspect_epochs": epochs, "params": vars(defense.p), "seed": seed,
         "auroc": auroc(scores[:suspects], scores[suspects:]),
         "scores_clean": scores[:suspects].tolist(), "scores_backdoored": scores[suspects:].tolist(),
         "suspect_clean_accuracy": [truth.clean_accuracy(m) for m in models],
@@ -91,14 +98,17 @@ def main() -> None:
     ap.add_argument("--suspects", type=int, default=6, help="clean and BadNets suspect models, each")
     ap.add_argument("--epochs", type=int, default=3, help="training epochs of each suspect")
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--suspect-data", choices=["train", "heldout"], default="train", help="train the suspects on the run's training set, or on the defender's held-out data as the shadows are")
+    ap.add_argument("--suspect-data", choices=["train", "heldout", "train-subset"], default="train",
+                    help="train the suspects on the run's training set, on the defender's held-out data as the shadows are, "
+                         "or on a stratified subset of the training set of the held-out data's size")
+    ap.add_argument("--heldout-fraction", type=float, default=0.2, help="the defender's stratified share of the test split")
     ap.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE", help="an MNTD parameter")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    r = study(Path(a.run), Path(a.out), a.suspects, a.epochs, parse_pairs(a.param, "--param"), Path(a.cache_dir) if a.cache_dir else None, a.seed, a.suspect_data)
+    r = study(Path(a.run), Path(a.out), a.suspects, a.epochs, parse_pairs(a.param, "--param"), Path(a.cache_dir) if a.cache_dir else None, a.seed, a.suspect_data, a.heldout_fraction)
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}, indent=1))
 
 

@@ -169,3 +169,14 @@ def test_mntd_caches_the_shadow_set_and_scores_models(bn, case, tmp_path):
     assert key == m["shadow_key"] != cache_key(view.model.arch, load_case(bn, heldout_seed=1)[0].heldout, p, 0)  # other defender data
     assert key != cache_key(view.model.arch, view.heldout, MNTDParams(**{**params, "shadow_epochs": 4}), 0)
     assert key == cache_key(view.model.arch, view.heldout, MNTDParams(**{**params, "meta_steps": 7}), 0)  # the meta-classifier is not cached
+
+
+def test_mntd_benchmark_trains_suspects_like_the_shadows_on_training_images(bn, case, repo_script, tmp_path):
+    mod = repo_script("benchmarks", "bench_mntd")
+    params = {"shadow_models": 2, "shadow_epochs": 1, "shadow_batch": 2, "meta_steps": 2}
+    r = mod.study(bn, tmp_path / "b", suspects=1, epochs=1, params=params, cache_dir=tmp_path / "cache", suspect_data="train-subset")
+    assert r["suspect_train_size"] == r["heldout_size"] == len(case[0].heldout) == 200  # the shadows' data size ...
+    assert len(r["scores_clean"]) == len(r["scores_backdoored"]) == 1 and 0.0 <= r["auroc"] <= 1.0
+    h = mod.study(bn, tmp_path / "h", suspects=1, epochs=1, params=params, cache_dir=tmp_path / "cache", suspect_data="heldout", heldout_fraction=0.3)
+    assert h["heldout_size"] == h["suspect_train_size"] == 300 and not h["shadow_reused"]  # other defender data: other shadows
+    assert (tmp_path / "b" / "mntd.json").exists() and (tmp_path / "b" / "mntd_scores.png").exists()
