@@ -1,8 +1,8 @@
 """MMLM's code-selection and crafting choices for one target, measured on the attacker's own images
 beside the test set (issue 19).
 
-For one clean model, target and seed, the run's OT, codes and backdoored head are built once, as
-``backdoorlab attack mmlm`` builds them; then for each Z_near region and share (``near_region``,
+For one clean model, target and seed, the run's OT, codes and backdoored head are built once by
+``MMLM.plant``, the step ``backdoorlab attack mmlm`` runs; then for each Z_near region and share (``near_region``,
 ``near_top``) and crafting objective, PGD crafts (a) a stratified set of the attacker's own
 non-target training images and (b) non-target test images, at each budget, and the ASR of the
 backdoored and of the clean model on both is printed (one JSON line per setting). Part (a) is what
@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from backdoorlab.artifacts import load_model
-from backdoorlab.attacks.mmlm import MMLM, MMLMParams
-from backdoorlab.attacks.mmlm_codes import LatentCodes, finetune_head, fit_ot, near_codes, poisoned_features, select_codes
+from backdoorlab.attacks.base import AttackContext
+from backdoorlab.attacks.mmlm import MMLM, MMLMParams, pair_codes
+from backdoorlab.attacks.mmlm_codes import LatentCodes, near_codes
 from backdoorlab.data.sources import load_dataset
 from backdoorlab.data.subset import stratified_indices
-from backdoorlab.optim.matching import greedy_pairs
 from backdoorlab.train.evaluate import attack_success_rate, features
 from backdoorlab.train.trainer import TrainConfig
 
@@ -46,19 +45,15 @@ def main() -> None:
     ap.add_argument("--test-images", type=int, default=900)
     ap.add_argument("--steps", type=int, default=50)
     a = ap.parse_args()
+    if not Path(a.clean_model).is_file():
+        ap.error(f"--clean-model: {a.clean_model} is not a file (this benchmark measures an existing clean model; it never trains one)")
     torch.set_num_threads(1)
-    dev, t, seed = torch.device("cpu"), a.target, a.seed
+    t, seed = a.target, a.seed
     ds = load_dataset(a.dataset)
-    clean = load_model(a.clean_model).eval()
-    p = MMLMParams(target=t)
-    tx, ty = ds.train.x, ds.train.y.cpu()
-    feats = features(clean, tx)
-    sub = stratified_indices(ty, p.ot_points, seed) if 0 < p.ot_points < len(ty) else torch.arange(len(ty))
-    ot, _, reused = fit_ot(feats[sub], p, seed, dev, False, Path(a.cache_dir) if a.cache_dir else None)
-    codes = select_codes(ot, feats[sub], ty[sub], p, max(1, round(p.replace_share * int((ty == t).sum()))), seed)
-    data, _ = poisoned_features(feats, ty, codes.z_far, t, seed)
-    cfg = TrainConfig(epochs=p.head_epochs, batch_size=p.head_batch_size, lr=p.head_lr, weight_decay=0.0, schedule="cosine", augment=False, amp="off")
-    model = finetune_head(clean, data, ds.spec, cfg, seed, dev, False)
+    ctx = AttackContext(ds, "digit-cnn", TrainConfig(), seed=seed, progress=False, clean_model_path=Path(a.clean_model),
+                        cache_dir=Path(a.cache_dir) if a.cache_dir else None)
+    pl = MMLM(MMLMParams(target=t)).plant(ctx)  # the clean model is read from the file, never trained here
+    clean, model, codes, tx, ty = pl.clean, pl.model, pl.codes, ds.train.x, ds.train.y.cpu()
     clean.requires_grad_(False)
 
     def pick(x, y, n):
@@ -67,7 +62,7 @@ def main() -> None:
         return x[keep].cpu(), y[keep]
 
     sets = {"attacker": pick(tx, ty, a.attacker_images), "test": pick(ds.test.x, ds.test.y.cpu(), a.test_images)}
-    print(json.dumps({"dataset": a.dataset, "target": t, "seed": seed, "ot_restored": reused, "latent_codes": codes.stats}), flush=True)
+    print(json.dumps({"dataset": a.dataset, "target": t, "seed": seed, "ot_restored": pl.reused, "latent_codes": codes.stats}), flush=True)
     for obj in a.objectives.split(","):
         att = MMLM(MMLMParams(target=t, objective=obj))
         for region in a.regions.split(","):
@@ -76,7 +71,7 @@ def main() -> None:
                 zn, other = near_codes(model, clean, c, t, region, top)
                 row = {"objective": obj, "near_region": region, "near_top": top, "z_near": len(zn)}
                 for name, (x, y) in sets.items():
-                    z = zn[greedy_pairs(torch.cdist(features(clean, x), zn), allowed=other[None, :] == y[:, None])]
+                    z = pair_codes(features(clean, x), y, zn, other)
                     for e in (int(v) for v in a.eps.split(",")):
                         xp = att.craft(clean.features, x, z, e / 255, a.steps, head=model.head, objective=obj)
                         row[f"{name}_asr_{e}"] = round(100 * attack_success_rate(model, xp, y, "all-to-one", t, ds.spec.num_classes), 1)

@@ -275,26 +275,26 @@ def test_cli_defend_writes_metrics_config_and_plot(bn, tmp_path, capsys):
 ])
 def test_bad_config_names_the_field(bn, kwargs, field):
     with pytest.raises(ConfigError) as e:
-        DefenseDefenseJob("strip", str(bn), **kwargs).build()
+        DefenseJob("strip", str(bn), **kwargs).build()
     assert e.value.field == field
 
 
 def test_unknown_defense_and_missing_run(bn, tmp_path, capsys):
     with pytest.raises(UnknownNameError, match="strip"):
-        DefenseDefenseJob("no-such-defense", str(bn)).build()
+        DefenseJob("no-such-defense", str(bn)).build()
     with pytest.raises(ConfigError) as e:
-        DefenseDefenseJob("strip", str(tmp_path / "nowhere")).build()
+        DefenseJob("strip", str(tmp_path / "nowhere")).build()
     assert e.value.field == "run"
     half = tmp_path / "unfinished"
     half.mkdir()
     (half / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a finished attack run"):
-        DefenseDefenseJob("strip", str(half)).build()
+        DefenseJob("strip", str(half)).build()
     no_clean = tmp_path / "no-clean"
     shutil.copytree(bn, no_clean)
     (no_clean / "clean_model.safetensors").unlink()
     with pytest.raises(ConfigError) as e:
-        DefenseDefenseJob("neural-cleanse", str(no_clean), model="clean").build()
+        DefenseJob("neural-cleanse", str(no_clean), model="clean").build()
     assert e.value.field == "model"
     assert main(["defend", "no-such-defense", "--run", str(bn), "--out", str(tmp_path / "x")]) == 2
     assert "unknown defense" in capsys.readouterr().err

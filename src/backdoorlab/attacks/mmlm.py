@@ -61,7 +61,31 @@ from ..train.evaluate import attack_success_rate, features, predict
 from ..train.trainer import TrainConfig
 from ..validate import check_choice, check_epsilon, check_positive, check_rate
 from .base import ATTACKS, AttackContext, AttackParams, AttackResult, ModelModificationAttack, derived_seed
-from .mmlm_codes import finetune_head, fit_ot, near_codes, poisoned_features, select_codes
+from ..models.base import Classifier
+from ..ot import OTResult, SemiDiscreteOT
+from .mmlm_codes import LatentCodes, finetune_head, fit_ot, near_codes, poisoned_features, select_codes
+
+
+@dataclass
+class Planted:
+    """What :meth:`MMLM.plant` builds: the clean and backdoored models and the latent side."""
+
+    clean: Classifier
+    model: Classifier
+    feats: Tensor
+    codes: LatentCodes
+    ot: SemiDiscreteOT
+    ot_res: OTResult
+    reused: bool
+    n_target: int
+    n_far: int
+    replaced: Tensor
+
+
+def pair_codes(f: Tensor, y: Tensor, z_near: Tensor, near_other: Tensor) -> Tensor:
+    """Each image's Z_near code: greedy nearest-first pairs, only with codes that mix the target
+    with the image's own class (:func:`greedy_pairs` falls back to all codes for a class with none)."""
+    return z_near[greedy_pairs(torch.cdist(f, z_near), allowed=near_other[None, :] == y[:, None])]
 
 
 @dataclass
@@ -138,10 +162,10 @@ class MMLM(ModelModificationAttack):
 
     def craft(self, encoder, x: Tensor, z: Tensor, eps: float, steps: int, stop=None, head=None, objective: str | None = None) -> Tensor:
         """PGD on ||E(x + δ) - z||_2 within ||δ||∞ ≤ ε, batched; the 8-bit images delivered. With
-        the objective ``"latent+margin"`` (``objective``, else the one the run chose) and the
-        backdoored ``head``, plus the weighted hinge on its target margin."""
+        the objective ``"latent+margin"`` (``objective``, else the parameter's) and the backdoored
+        ``head``, plus the weighted hinge on its target margin."""
         dev, p = z.device, self.p
-        objective = objective or getattr(self, "objective_used", p.objective)
+        objective = objective or p.objective
 
         def loss(xa: Tensor, idx: Tensor) -> Tensor:
             f = encoder(xa)
@@ -157,7 +181,10 @@ class MMLM(ModelModificationAttack):
         out = [quantize(x[s : s + 512], pgd(x[s : s + 512].to(dev), lambda xa, i, s=s: loss(xa, i + s), cfg).cpu(), eps) for s in range(0, len(x), 512)]
         return torch.cat(out)
 
-    def run(self, ctx: AttackContext) -> AttackResult:
+    def plant(self, ctx: AttackContext) -> Planted:
+        """The backdoor itself: the clean model's training features, the OT (restored from the cache
+        when it is there), the Z_far / Z_near candidates and the head fine-tuned on the poisoned
+        feature set."""
         p, spec, dev = self.p, ctx.data.spec, ctx.device
         clean = ctx.clean_model().eval()
         train_x, train_y = ctx.data.train.x, ctx.data.train.y.cpu()
@@ -166,21 +193,28 @@ class MMLM(ModelModificationAttack):
         ot, ot_res, reused = fit_ot(feats[sub], p, ctx.seed, dev, ctx.progress, ctx.cache_dir)
         if not ot_res.converged:
             warnings.warn(f"MMLM: the OT stopped after {ot_res.steps} steps at ||g|| = {ot_res.grad_norm:.4f}, above the tolerance {p.ot_tol}: "
-                          "its cells, mass centres and neighbours are approximate; raise ot_max_iter", stacklevel=2)
+                          "its cells, mass centres and neighbours are approximate; raise ot_max_iter", stacklevel=3)
         n_target = int((train_y == p.target).sum())
         n_far = max(1, round(p.replace_share * n_target))
         codes = select_codes(ot, feats[sub], train_y[sub], p, n_far, ctx.seed)
         if codes.stats["z_far_count"] < n_far:
             warnings.warn(f"MMLM: replace_share {p.replace_share} asks for {n_far} Z_far codes but {codes.stats['z_far_count']} exist; all are implanted "
-                          f"({codes.stats['z_far_count'] / n_target:.1%} of the target class's {n_target} training features replaced)", stacklevel=2)
+                          f"({codes.stats['z_far_count'] / n_target:.1%} of the target class's {n_target} training features replaced)", stacklevel=3)
         data, replaced = poisoned_features(feats, train_y, codes.z_far, p.target, ctx.seed)
         head_cfg = TrainConfig(epochs=p.head_epochs, batch_size=p.head_batch_size, lr=p.head_lr, weight_decay=0.0, schedule="cosine", augment=False, amp="off")
         model = finetune_head(clean, data, spec, head_cfg, ctx.seed, dev, ctx.progress)
+        return Planted(clean, model, feats, codes, ot, ot_res, reused, n_target, n_far, replaced)
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        p, spec, dev = self.p, ctx.data.spec, ctx.device
+        pl = self.plant(ctx)
+        clean, model, feats, codes, ot, ot_res, reused, replaced = pl.clean, pl.model, pl.feats, pl.codes, pl.ot, pl.ot_res, pl.reused, pl.replaced
+        n_target, n_far, train_y = pl.n_target, pl.n_far, ctx.data.train.y.cpu()
         z_near, near_other = near_codes(model, clean, codes, p.target, p.near_region, p.near_top)
         clean.requires_grad_(False)
-        self.objective_used, selection = p.objective, []
+        objective, selection = p.objective, []
         if p.objective == "auto":
-            self.objective_used, selection = self.choose_objective(ctx, model, clean, z_near, near_other)
+            objective, selection = self.choose_objective(ctx, model, clean, z_near, near_other)
 
         # poisoned test images: non-target test images pushed towards Z_near codes, nearest first
         test = ctx.data.test
@@ -189,14 +223,13 @@ class MMLM(ModelModificationAttack):
             keep = keep[stratified_indices(test.y.cpu()[keep], p.max_test, ctx.seed)]
         x_clean, y_clean = test.x[keep.to(test.x.device)].cpu(), test.y[keep.to(test.y.device)].cpu()
         f_test = features(clean, x_clean)
-        pair = greedy_pairs(torch.cdist(f_test, z_near), allowed=near_other[None, :] == y_clean[:, None])
-        z = z_near[pair].to(dev)
+        z = pair_codes(f_test, y_clean, z_near, near_other).to(dev)
         enc = clean.features
         curve, cache = [], {}
         start = (f_test - z.cpu()).norm(dim=1)  # each image's latent distance to its code before PGD
         for eps in sorted(set(p.curve_epsilons) | {p.epsilon}):
             steps = p.pgd_steps if eps == p.epsilon else p.curve_steps
-            xp = self.craft(enc, x_clean, z, eps, steps, head=model.head)  # uint8: the curve measures what is delivered
+            xp = self.craft(enc, x_clean, z, eps, steps, head=model.head, objective=objective)  # uint8: the curve measures what is delivered
             cache[eps] = xp
             left = (features(clean, xp) - z.cpu()).norm(dim=1) / start.clamp_min(1e-12)
             curve.append({"epsilon": eps, "steps": steps,
@@ -209,14 +242,14 @@ class MMLM(ModelModificationAttack):
         metrics = {"ot": {"steps": ot_res.steps, "grad_norm": ot_res.grad_norm, "converged": ot_res.converged, "samples": ot_res.n_samples, "seconds": ot_res.wall_time, "reused": reused},
                    "ot_grad_norm": ot_res.grad_norm, "ot_converged": ot_res.converged,
                    "latent_codes": codes.stats, "epsilon": p.epsilon, "asr_curve": curve,
-                   "objective_used": self.objective_used, "objective_selection": selection,
+                   "objective_used": objective, "objective_selection": selection,
                    "target_features": n_target, "z_far_requested": n_far, "replaced_target_features": int(len(replaced)),
                    "replaced_target_share": len(replaced) / max(1, n_target),
                    "asr90_epsilon": reach[0]["epsilon"] if reach else None,
                    "asr90_attack_success_rate": reach[0]["attack_success_rate"] if reach else None,
                    "asr90_attack_success_rate_clean_model": reach[0]["attack_success_rate_clean_model"] if reach else None}
         if p.ablation:
-            metrics.update(self.ablation(ctx, model, enc, x_clean, y_clean, f_test, feats, train_y, z))
+            metrics.update(self.ablation(ctx, model, enc, x_clean, y_clean, f_test, feats, train_y, z, objective))
         if ctx.workdir is not None:
             from ..plots import line_plot
 
@@ -237,8 +270,7 @@ class MMLM(ModelModificationAttack):
             keep = keep[stratified_indices(train_y[keep], p.select_images, derived_seed(ctx.seed, "mmlm-select"))]
         x = ctx.data.train.x[keep.to(ctx.data.train.x.device)].cpu()
         y = train_y[keep]
-        f = features(clean, x)
-        z = z_near[greedy_pairs(torch.cdist(f, z_near), allowed=near_other[None, :] == y[:, None])].to(dev)
+        z = pair_codes(features(clean, x), y, z_near, near_other).to(dev)
         rows: list[dict] = []
         for eps in sorted(set(p.curve_epsilons)):
             fired = []
@@ -255,7 +287,7 @@ class MMLM(ModelModificationAttack):
         best = max(last, key=lambda r: r["attacker_asr"] - r["attacker_asr_clean_model"])  # max keeps the first (the paper's) on a tie
         return best["objective"], rows
 
-    def ablation(self, ctx, model, enc, x_clean, y_clean, f_test, feats, train_y, z_mm) -> dict:
+    def ablation(self, ctx, model, enc, x_clean, y_clean, f_test, feats, train_y, z_mm, objective: str = "latent") -> dict:
         """Table 6: the perturbation needed for a successful attack with mode-mixture codes vs with
         plain target-class features as the latent goal (same budget ``ablation_epsilon``, steps and
         backdoored model; PGD stops per image once the backdoored model predicts the target, and
@@ -272,14 +304,14 @@ class MMLM(ModelModificationAttack):
 
         out: dict = {}
         for tag, goal in (("with_mode_mixture", z_mm), ("without_mode_mixture", z_plain)):
-            needed = self.craft(enc, x_clean, goal, p.ablation_epsilon, p.pgd_steps, stop=success, head=model.head)
+            needed = self.craft(enc, x_clean, goal, p.ablation_epsilon, p.pgd_steps, stop=success, head=model.head, objective=objective)
             ok = predict(model, needed) == p.target  # on the delivered 8-bit image
             norms = perturbation_norms(x_clean[ok], needed[ok]) if bool(ok.any()) else {"mean_perturbation_linf": float("nan"), "mean_perturbation_l2": float("nan")}
             out[f"required_perturbation_linf_{tag}"] = norms["mean_perturbation_linf"]
             out[f"required_perturbation_l2_{tag}"] = norms["mean_perturbation_l2"]
             out[f"success_rate_{tag}"] = float(ok.float().mean())
         # the main images' measure (full PGD at ε, no early stop) for images pushed to plain target features
-        plain = self.craft(enc, x_clean, z_plain, p.epsilon, p.pgd_steps, head=model.head)
+        plain = self.craft(enc, x_clean, z_plain, p.epsilon, p.pgd_steps, head=model.head, objective=objective)
         full = perturbation_norms(x_clean, plain)
         out["mean_perturbation_linf_without_mode_mixture"] = full["mean_perturbation_linf"]
         out["mean_perturbation_l2_without_mode_mixture"] = full["mean_perturbation_l2"]
