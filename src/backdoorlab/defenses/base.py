@@ -232,7 +232,8 @@ def run_defense(job: DefenseJob, out: str | Path, progress: bool = True, force: 
         truth = truth_hook(truth)
     rd.prepare(job.config(), force=force)
     torch.manual_seed(job.seed)
-    memo = memo_dir(defense, view, job.defense)  # model-inspection defenses: one decision per model
+    # a model-inspection defense decides from the model and the held-out data alone: one decision per model
+    memo = memo_dir(defense, view, job.defense) if defense.kind == DefenseKind.MODEL else None
     decision = restore(memo, rd) if memo is not None else None
     reused = decision is not None
     if decision is None:

@@ -37,11 +37,9 @@ def decision_key(name: str, params: Any, view: Any) -> str:
 
 
 def memo_dir(defense: Any, view: Any, name: str) -> Path | None:
-    """Where the decision of this model-inspection defense on this view is kept, or None when it
-    is not to be cached (another kind of defense, or no cache folder)."""
-    from .base import DefenseKind
-
-    if defense.kind != DefenseKind.MODEL or view.cache_dir is None:
+    """Where the decision of this (model-inspection) defense on this view is kept, or None without
+    a cache folder; the caller decides which defenses qualify."""
+    if view.cache_dir is None:
         return None
     return Path(view.cache_dir) / f"decision-{name}-{decision_key(name, defense.p, view)}"
 
