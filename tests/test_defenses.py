@@ -361,3 +361,52 @@ def test_a_model_inspection_decision_is_made_once_per_model_and_reused(bn, tmp_p
     assert other["decision_reused"] is False
     ss = run_defense(DefenseJob("spectral-signatures", str(bn), cache_dir=str(cache)), tmp_path / "d", progress=False)
     assert "decision_reused" not in ss and len(list(cache.glob("decision-*"))) == 2
+
+
+def test_an_input_detector_scores_the_heldout_data_once_per_model_with_the_same_decision(bn, tmp_path):
+    """STRIP's held-out scores (its threshold's data) are computed once per model and restored with
+    the generator's state after them: a run served from the cache decides bit for bit what it
+    decides without the cache; another seed is not served."""
+    from safetensors.torch import load_file
+
+    cache, twin = tmp_path / "cache", tmp_path / "twin-run"
+    shutil.copytree(bn, twin)
+    p = {"n_overlays": 6}
+    plain = run_defense(DefenseJob("strip", str(twin), params=p, max_inputs=40), tmp_path / "plain", progress=False)
+    first = run_defense(DefenseJob("strip", str(bn), params=p, max_inputs=40, cache_dir=str(cache)), tmp_path / "a", progress=False)
+    second = run_defense(DefenseJob("strip", str(twin), params=p, max_inputs=40, cache_dir=str(cache)), tmp_path / "b", progress=False)
+    assert (first["heldout_scores_reused"], second["heldout_scores_reused"], plain["heldout_scores_reused"]) == (False, True, False)
+    dec = [load_file(tmp_path / d / "decision.safetensors") for d in ("plain", "a", "b")]
+    for k in ("scores", "heldout_scores", "rejected"):
+        assert torch.equal(dec[0][k], dec[2][k]) and torch.equal(dec[0][k], dec[1][k])
+    assert second["auroc"] == plain["auroc"] and second["entropy_threshold"] == plain["entropy_threshold"]
+    other = run_defense(DefenseJob("strip", str(twin), params=p, max_inputs=40, cache_dir=str(cache), seed=3), tmp_path / "c", progress=False)
+    assert other["heldout_scores_reused"] is False and len(list(cache.glob("decision-strip-heldout-*"))) == 2
+
+
+def test_work_under_one_key_is_done_by_one_run_at_a_time(tmp_path):
+    import threading
+    import time
+
+    from backdoorlab.defenses.memo import locked
+
+    order: list[str] = []
+    a_in = threading.Event()
+
+    def a() -> None:
+        with locked(tmp_path / "key"):
+            a_in.set()
+            time.sleep(0.3)
+            order.append("a done")
+
+    def b() -> None:
+        a_in.wait()
+        with locked(tmp_path / "key"):
+            order.append("b")
+
+    ts = [threading.Thread(target=f) for f in (a, b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert order == ["a done", "b"]

@@ -446,3 +446,12 @@ def test_processes_side_by_side_continue_a_local_run_and_match_it_exactly(tmp_pa
     finally:
         executors.ProcessExecutor.submit = real
     assert calls == [SEED1[-1]] and values(out) == values(ref_out)
+
+
+def test_cells_that_others_wait_for_start_first(reference):
+    """Clean models, then attacks, then the defense cells (the local executor runs them in start order)."""
+    from backdoorlab.experiments.runner import START_ORDER
+
+    kinds = [c.split("/")[0] for c in reference[2].ran]
+    assert {"clean", "attack", "defense"} <= set(kinds)
+    assert kinds == sorted(kinds, key=START_ORDER.__getitem__)

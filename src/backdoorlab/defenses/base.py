@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..metrics.ranking import auroc
 from ..registry import Registry
 from ..validate import build_params, check_apart, check_device, check_int, check_range, check_rate  # noqa: F401  (check_int: the defenses' import)
-from .memo import memo_dir, restore, store
+from .memo import locked, memo_dir, restore, store
 from .view import DefenderView, GroundTruth, check_run, load_case
 
 DEFENSES: Registry[type["Defense"]] = Registry("defense")
@@ -234,16 +234,17 @@ def run_defense(job: DefenseJob, out: str | Path, progress: bool = True, force: 
     torch.manual_seed(job.seed)
     # a model-inspection defense decides from the model and the held-out data alone: one decision per model
     memo = memo_dir(defense, view, job.defense) if defense.kind == DefenseKind.MODEL else None
-    decision = restore(memo, rd) if memo is not None else None
-    reused = decision is not None
-    if decision is None:
-        decision = defense.decide(view)
-    scalars, tensors = split_decision(decision)
-    rd.write_json("decision.json", scalars)
-    if tensors:
-        rd.save_tensors("decision.safetensors", tensors)
-    if memo is not None and not reused:
-        store(memo, rd, decision, set(scalars) | set(tensors))
+    with locked(memo):  # a second cell on the same model waits for this decision instead of repeating it
+        decision = restore(memo, rd) if memo is not None else None
+        reused = decision is not None
+        if decision is None:
+            decision = defense.decide(view)
+        scalars, tensors = split_decision(decision)
+        rd.write_json("decision.json", scalars)
+        if tensors:
+            rd.save_tensors("decision.safetensors", tensors)
+        if memo is not None and not reused:
+            store(memo, rd, decision, set(scalars) | set(tensors))
     attack_cfg = RunDir(job.run).read_config()
     metrics: dict[str, Any] = {
         "defense": job.defense,

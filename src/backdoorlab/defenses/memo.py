@@ -8,6 +8,11 @@ JSON, its tensors and the figures ``decide`` drew) is stored under a key made of
 tensors, the held-out images and labels, the defense, its parameters and its seed, and restored by
 a later run with the same key; scoring still runs on each run's own ground truth. A decision that
 holds anything that cannot be stored (a repaired model, working data for ``score``) is never cached.
+Input detectors keep their held-out scores (the threshold's data) the same way (``heldout_dir``).
+
+Work under a key is done under an exclusive file lock (:func:`locked`): two cells of a grid that
+need the same key at the same time (a grid runs cells side by side) do it once, the second waiting
+for the first instead of repeating it.
 """
 
 from __future__ import annotations
@@ -16,8 +21,14 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, at worst a key is computed twice
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -42,6 +53,22 @@ def memo_dir(defense: Any, view: Any, name: str) -> Path | None:
     if view.cache_dir is None:
         return None
     return Path(view.cache_dir) / f"decision-{name}-{decision_key(name, defense.p, view)}"
+
+
+@contextmanager
+def locked(memo: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock on the key ``memo`` (a no-op for None) while its work is looked up,
+    done and stored."""
+    if memo is None or fcntl is None:
+        yield
+        return
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    with open(memo.with_name(f".{memo.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def restore(memo: Path, rd: RunDir) -> dict[str, Any] | None:

@@ -208,6 +208,7 @@ def run_experiment(experiment: str | Path | Experiment, out: str | Path, executo
         table = ResultsTable(grid.out / TABLE_FILE)
         res = GridResult(grid.out, table.path, grid.out / "report.md", skipped=_sync_table(grid, table))
         _run_cells(grid, ex, table, res, progress)
+        _sync_table(grid, table)  # rows in the grid's order, whatever order the cells finished in
         rebuild_report(grid, {"done": len(res.skipped) + len(res.ran), "failed": res.failed})
     finally:
         lock.close()
@@ -215,6 +216,9 @@ def run_experiment(experiment: str | Path | Experiment, out: str | Path, executo
     if missing:
         raise ConfigError("tables", f"no cell produced {', '.join(missing)} (a typo, or a metric of another attack or defense?); the cells are kept, fix the file and run again")
     return res
+
+
+START_ORDER = {"clean": 0, "attack": 1, "defense": 2}
 
 
 def _run_cells(grid: Grid, ex: Executor, table: ResultsTable, res: GridResult, progress: bool) -> None:
@@ -225,7 +229,9 @@ def _run_cells(grid: Grid, ex: Executor, table: ResultsTable, res: GridResult, p
         ex.check(todo)
         ex.plan_slots(todo)
         prog = GridProgress(grid, todo, ex.slots, enabled=progress)
-        pending = list(todo)
+        # cells that others wait for start first (clean models, then attacks), the many short defense
+        # cells fill the workers at the end: a shorter tail than file order, the same cells
+        pending = sorted(todo, key=lambda c: START_ORDER.get(c.kind, len(START_ORDER)))
         while pending or ex.busy:
             for c in list(pending):
                 if any(d in res.failed or d in res.blocked for d in c.deps):
