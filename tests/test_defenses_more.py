@@ -153,7 +153,7 @@ def test_mntd_caches_the_shadow_set_and_scores_models(bn, case, tmp_path):
     cache = tmp_path / "cache"
     params = {"shadow_models": 4, "shadow_epochs": 3, "shadow_batch": 4, "meta_steps": 100}
     m = run_defense(DefenseJob("mntd", str(bn), params=params, cache_dir=str(cache)), tmp_path / "first", progress=False)
-    assert not m["shadow_reused"] and sorted(p.name.split("-")[1] for p in cache.iterdir()) == ["meta", "shadows"]
+    assert not m["shadow_reused"] and sorted(p.name.split("-")[1] for p in cache.iterdir() if not p.name.startswith(".")) == ["meta", "shadows"]
     assert (cache / f"mntd-shadows-{m['shadow_key']}.safetensors").exists()
     assert m["meta_train_accuracy"] >= 0.75 and 0.0 <= m["meta_score"] <= 1.0 and m["flagged"] == (m["meta_score"] > 0.5)
     t0 = time.perf_counter()
