@@ -48,6 +48,7 @@ from ..data.core import DatasetSpec, ImageSet
 from ..models import Arch, Classifier, build_model
 from ..train.trainer import Forward, TrainConfig, TrainHooks, train
 from ..validate import check_positive, check_range
+from .memo import locked
 from .base import DEFENSES, Defense, DefenseKind, DefenseParams, check_int
 from .view import DefenderView, read_tensors
 
@@ -230,14 +231,15 @@ def shadow_set(view: DefenderView, p: MNTDParams) -> tuple[dict[str, Tensor], Te
     arch = view.model.arch
     key = cache_key(arch, view.heldout, p, view.seed)
     path = Path(view.cache_dir) / f"mntd-shadows-{key}.safetensors" if view.cache_dir else None
-    if path is not None and path.exists():
-        tensors, _ = read_tensors(path)
-        labels = tensors.pop("__labels__")
-        return tensors, labels, True, key
-    state, labels = train_shadows(arch, view.heldout, view.spec, p, view.seed, view.device, view.progress)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path, {**state, "__labels__": labels}, {"arch": json.dumps(arch.to_dict()), "key": key})
+    with locked(path):  # two runs of a grid that start side by side train the shadow set once
+        if path is not None and path.exists():
+            tensors, _ = read_tensors(path)
+            labels = tensors.pop("__labels__")
+            return tensors, labels, True, key
+        state, labels = train_shadows(arch, view.heldout, view.spec, p, view.seed, view.device, view.progress)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(path, {**state, "__labels__": labels}, {"arch": json.dumps(arch.to_dict()), "key": key})
     return state, labels, False, key
 
 
@@ -256,17 +258,18 @@ class MNTD(Defense):
         meta_cfg = {k: getattr(self.p, k) for k in ("queries", "hidden", "meta_steps", "meta_lr")}
         mkey = hashlib.sha256(json.dumps({"shadows": key, "meta": meta_cfg, "seed": view.seed}, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(view.cache_dir) / f"mntd-meta-{mkey}.safetensors" if view.cache_dir else None
-        if path is not None and path.exists():  # the meta-classifier of these shadows: scoring a new model is one forward pass
-            tensors, meta_info = read_tensors(path)
-            arch = view.model.arch
-            meta = MetaClassifier(self.p.queries, (arch.in_channels, *arch.image_size), arch.num_classes, self.p.hidden, torch.Generator()).to(view.device)
-            meta.load_state_dict(tensors)
-            meta.eval()
-            losses = [float(meta_info["loss_first"]), float(meta_info["loss_last"])]
-        else:
-            meta, losses = train_meta(view.model.arch, state, labels, self.p, view.seed, view.device)
-            if path is not None:
-                write_safetensors(path, {k: v.detach() for k, v in meta.state_dict().items()}, {"loss_first": str(losses[0]), "loss_last": str(losses[-1])})
+        with locked(path):
+            if path is not None and path.exists():  # the meta-classifier of these shadows: scoring a new model is one forward pass
+                tensors, meta_info = read_tensors(path)
+                arch = view.model.arch
+                meta = MetaClassifier(self.p.queries, (arch.in_channels, *arch.image_size), arch.num_classes, self.p.hidden, torch.Generator()).to(view.device)
+                meta.load_state_dict(tensors)
+                meta.eval()
+                losses = [float(meta_info["loss_first"]), float(meta_info["loss_last"])]
+            else:
+                meta, losses = train_meta(view.model.arch, state, labels, self.p, view.seed, view.device)
+                if path is not None:
+                    write_safetensors(path, {k: v.detach() for k, v in meta.state_dict().items()}, {"loss_first": str(losses[0]), "loss_last": str(losses[-1])})
         with torch.no_grad():
             s = torch.sigmoid(meta(view.model.arch, {k: v.to(view.device) for k, v in state.items()})).cpu()
         acc = float(((s > self.p.threshold).long() == labels).float().mean())
