@@ -5,7 +5,8 @@ rewritten, so the published report does not depend on the (git-ignored) run fold
         [--preamble FILE]   # text put right after the report's first heading
 
 Figures go to a folder named like the target file without ``.md`` (``docs/reproductions/mmlm-report/``),
-one flat name per figure (its path under ``cells/`` with ``/`` replaced by ``_``).
+one flat name per figure: a cell's figure by its path under ``cells/``, the grid's own plots (``figures/``)
+by their path, with ``/`` replaced by ``_``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-LINK = re.compile(r"!\[([^\]]*)\]\((cells/[^)]+\.png)\)")
+LINK = re.compile(r"!\[([^\]]*)\]\(((?:cells|figures)/[^)]+\.png)\)")
 
 
 def publish(run: Path, target: Path, preamble: str = "") -> int:
@@ -33,7 +34,8 @@ def publish(run: Path, target: Path, preamble: str = "") -> int:
     def move(m: re.Match) -> str:
         nonlocal copied
         src = run / m.group(2)
-        name = m.group(2)[len("cells/"):].replace("/", "_")
+        path = m.group(2)
+        name = (path[len("cells/"):] if path.startswith("cells/") else path).replace("/", "_")
         if not src.is_file():
             return m.group(0)
         shutil.copyfile(src, figures / name)

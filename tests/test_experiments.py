@@ -285,6 +285,22 @@ def test_publishing_a_report_copies_every_figure_it_shows(reference, tmp_path, r
         publish(tmp_path / "nowhere", target)
 
 
+def test_publishing_copies_the_grids_own_plots_too(tmp_path, repo_script):
+    publish = repo_script("scripts", "publish_report").publish
+    run = tmp_path / "run"
+    (run / "figures").mkdir(parents=True)
+    (run / "cells/attack/a/s0").mkdir(parents=True)
+    (run / "figures/figure-5-asr.png").write_bytes(b"sweep")
+    (run / "cells/attack/a/s0/samples.png").write_bytes(b"cell")
+    (run / "report.md").write_text("# T\n\n![k](figures/figure-5-asr.png)\n\n![a](cells/attack/a/s0/samples.png)\n")
+    target = tmp_path / "docs" / "g.md"
+    assert publish(run, target) == 2
+    text = target.read_text()
+    assert "](g/figures_figure-5-asr.png)" in text and "](g/attack_a_s0_samples.png)" in text
+    assert (target.parent / "g/figures_figure-5-asr.png").read_bytes() == b"sweep"
+    assert (target.parent / "g/attack_a_s0_samples.png").read_bytes() == b"cell"
+
+
 def test_run_again_redoes_nothing(reference):
     f, out, _ = reference
     before, table = stamps(out, SEED0 + SEED1), (out / TABLE_FILE).read_bytes()
