@@ -301,6 +301,19 @@ def test_publishing_copies_the_grids_own_plots_too(tmp_path, repo_script):
     assert (target.parent / "g/attack_a_s0_samples.png").read_bytes() == b"cell"
 
 
+def test_auto_runs_small_cells_side_by_side_even_when_most_cells_are_large(tmp_path):
+    doc = copy.deepcopy(GRID)
+    doc["resources"] = {"cpus": 2}  # clean models and defenses on both cores
+    doc["attacks"][0]["resources"] = {"cpus": 1}
+    cells = list(prepare(parse_experiment(doc), tmp_path / "a"))
+    big = sum(c.resources.cpus == 2 for c in cells)
+    assert big > len(cells) // 2  # the median cell asks for the whole machine
+    assert executors.side_by_side(cells, 2) and not executors.side_by_side(cells, 1.5)
+    doc["attacks"][0]["resources"] = {"cpus": 2}
+    assert not executors.side_by_side(list(prepare(parse_experiment(doc), tmp_path / "b")), 2)
+    assert not executors.side_by_side(cells[:1], 8)  # one cell: nothing to put beside it
+
+
 def test_run_again_redoes_nothing(reference):
     f, out, _ = reference
     before, table = stamps(out, SEED0 + SEED1), (out / TABLE_FILE).read_bytes()

@@ -210,7 +210,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run an experiment file: backdoorlab run experiments/mmlm-small.yaml --out DIR")
     p.add_argument("file", help="experiment YAML file")
     p.add_argument("--out", required=True, help="output folder (cells/, results.jsonl, report.md); run again to resume")
-    p.add_argument("--executor", default="auto", help="auto (processes when the cells ask for fewer CPUs than this machine has, else local), "
+    p.add_argument("--executor", default="auto", help="auto (processes when two cells fit in this machine's CPUs at once, else local), "
                    "local (one cell at a time in this process), processes (cells side by side in worker processes) or ray (cells as Ray tasks)")
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto or ray://host:10001); default: start a local instance")
     p.add_argument("--ray-cpus", "--cpus", type=int, default=None, help="CPUs the processes executor or a locally started Ray instance uses (default: all)")

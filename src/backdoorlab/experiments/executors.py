@@ -148,6 +148,14 @@ def median_cpus(cells: list[Cell]) -> float:
     return sorted(c.resources.cpus for c in cells)[len(cells) // 2] if cells else 0.0
 
 
+def side_by_side(cells: list[Cell], cpus: float) -> bool:
+    """Whether two of ``cells`` fit in ``cpus`` at once (what ``auto`` asks before it picks worker
+    processes): the two smallest requests, not the median, so that a few large cells (a clean model
+    on every core) do not make the grid's many 1-CPU cells run one after another."""
+    sizes = sorted(c.resources.cpus for c in cells)
+    return len(sizes) >= 2 and sizes[0] + sizes[1] <= cpus
+
+
 def _timed_cell(cell: Cell, progress: bool) -> tuple[dict, float]:
     """Run a cell in a worker (a process or a Ray task); its metrics and wall seconds."""
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..artifacts import RunDir
 from ..errors import ConfigError
 from ..validate import check_out_folder
-from .executors import EXECUTORS, Executor, median_cpus
+from .executors import EXECUTORS, Executor, side_by_side
 from .grid import Cell, Grid, expand
 from .report import check_outputs, write_report
 from .spec import Experiment, load_experiment
@@ -193,8 +193,8 @@ def run_experiment(experiment: str | Path | Experiment, out: str | Path, executo
     A grid never shrinks the results it finds in ``out`` unless ``drop_missing``; once every cell
     has finished, a table metric that no cell produced is an error naming the table."""
     grid = prepare(experiment, out)
-    if executor == "auto":  # cells that ask for fewer CPUs than this machine has run side by side
-        executor = "processes" if address is None and median_cpus(list(grid)) < (num_cpus or os.cpu_count() or 1) else "local"
+    if executor == "auto":  # worker processes when two of the grid's cells can run side by side
+        executor = "processes" if address is None and side_by_side(list(grid), num_cpus or os.cpu_count() or 1) else "local"
     ex = make_executor(executor, address, num_cpus)
     gone = check_shrink(grid, drop_missing)
     grid.out.mkdir(parents=True, exist_ok=True)
